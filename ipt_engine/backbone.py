@@ -1,0 +1,397 @@
+"""The frozen PLM, driven with one soft prompt per batch row.
+
+`Backbone` wraps a transformers causal LM or seq2seq LM and its tokenizer. Its parameters never receive
+gradients; gradients flow only into the soft prompts passed in. Every method takes `prompts`, a tensor
+[batch, n, d] (or None for no prompt) whose row i is prepended to the input embeddings of row i, so one
+forward pass can serve rows of many tasks. For seq2seq models the prompt goes on the encoder side.
+
+Three operations:
+- `target_log_likelihood`: sum of log p(target tokens | prompt, source) per row; differentiable in the
+  prompts (this is the training loss of PT, MSF and IST).
+- `score_options`: rank classification, the log-likelihood of every answer option of every row, all
+  options of all rows packed into as few forward passes as the token budget allows.
+- `generate`: greedy decoding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ipt_engine.device import pick_device, resolve_dtype
+from ipt_engine.errors import InputTruncatedWarning
+from ipt_engine.model_loading import LoadInfo, is_default_backbone, load_pretrained, load_smollm2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_TOKENS = 8192
+"""Token budget (rows x padded length) of one scoring forward pass; bounds activation memory."""
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """The answer options of one row, scored. Shapes: [num_options]."""
+
+    log_likelihoods: Tensor  # sum of token log-probabilities of each option (float32, CPU)
+    num_tokens: Tensor  # number of target tokens of each option (int64, CPU)
+
+    def scores(self, length_normalized: bool = True) -> Tensor:
+        """Ranking scores: mean token log-likelihood (default) or the plain sum."""
+        if length_normalized:
+            return self.log_likelihoods / self.num_tokens.clamp(min=1)
+        return self.log_likelihoods
+
+    def probabilities(self, length_normalized: bool = True) -> Tensor:
+        """A distribution over the options: softmax of the ranking scores. [num_options]"""
+        return torch.softmax(self.scores(length_normalized), dim=0)
+
+    def best(self, length_normalized: bool = True) -> int:
+        return int(self.scores(length_normalized).argmax())
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One tokenized (source, target) sequence and the index of the prompt row it uses."""
+
+    prompt_row: int
+    source: list[int]
+    target: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.source) + len(self.target)
+
+
+class Backbone:
+    """A frozen pretrained LM and its tokenizer, taking a different soft prompt on every batch row."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, backbone_id: str, *,
+                 device: torch.device | str | None = None, max_length: int | None = None,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, load_info: LoadInfo | None = None) -> None:
+        self.device = pick_device(str(device) if device is not None else None)
+        self.model = model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.backbone_id = backbone_id
+        self.load_info = load_info
+        self.max_batch_tokens = max_batch_tokens
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.max_length = min(max_length or self.context_length, self.context_length)
+        self.truncated_inputs = 0  # how many inputs were cut to fit the context (for logs and metrics)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._eos = tokenizer.eos_token_id
+        self._bos = tokenizer.bos_token_id
+        self._head_path = (not self.is_encoder_decoder) and self._lm_head_matches_logits()
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, name_or_path: str = "smollm2", *, device: str | None = None, dtype: str | None = "float32",
+             cache_dir: str | Path | None = None, max_length: int | None = None,
+             max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Backbone:
+        """Load a backbone by name: 'smollm2' (the packaged default) or any transformers model name/path."""
+        dev = pick_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        if is_default_backbone(name_or_path):
+            model, tokenizer, info = load_smollm2(Path(cache_dir) if cache_dir else None, torch_dtype)
+        else:
+            model, tokenizer, info = load_pretrained(name_or_path, torch_dtype)
+        log.info("loaded backbone %s from %s in %.1f s", info.backbone_id, info.source, info.seconds)
+        return cls(model, tokenizer, info.backbone_id, device=dev, max_length=max_length,
+                   max_batch_tokens=max_batch_tokens, load_info=info)
+
+    # ------------------------------------------------------------------------------------- properties
+    @property
+    def hidden_size(self) -> int:
+        """d, the width of one soft-prompt vector."""
+        return int(self.input_embeddings.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_embeddings.dtype
+
+    @property
+    def input_embeddings(self) -> Tensor:
+        """The token embedding matrix [vocab, d] (frozen)."""
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model takes, from its config (or its tokenizer when the config has none)."""
+        config = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        return tok_max if isinstance(tok_max, int) and 0 < tok_max < 1_000_000 else 1024
+
+    # ------------------------------------------------------------------------------------- operations
+    def target_log_likelihood(self, prompts: Tensor | None, sources: Sequence[str],
+                              targets: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Log-likelihood of each target given its prompt and source, in one forward pass.
+
+        Args:
+            prompts: [batch, n, d] soft prompts (row i for row i), or None.
+            sources, targets: `batch` strings each (see `ipt_engine.tasks.to_text_pair`).
+        Returns:
+            (sum of target-token log-probabilities [batch], number of target tokens [batch]); the first is
+            differentiable with respect to `prompts`.
+        """
+        self._check_prompts(prompts, len(sources))
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        n = 0 if prompts is None else prompts.shape[1]
+        rows = [self._tokenize(i, s, t, n) for i, (s, t) in enumerate(zip(sources, targets, strict=True))]
+        return self._log_likelihood(prompts, rows)
+
+    @torch.no_grad()
+    def score_options(self, prompts: Tensor | None, sources: Sequence[str],
+                      options: Sequence[Sequence[str]]) -> list[OptionScores]:
+        """Rank classification: the log-likelihood of every option of every row.
+
+        Args:
+            prompts: [batch, n, d] or None. sources: batch strings. options: per row, its option texts
+                (formatted as targets, i.e. with the leading space `to_text_pair` gives).
+        Returns:
+            per row, an OptionScores over its options. All (row, option) pairs are sorted by length and
+            packed into forward passes of at most `max_batch_tokens` tokens.
+        """
+        self._check_prompts(prompts, len(sources))
+        if len(options) != len(sources):
+            raise ValueError(f"{len(sources)} sources but options for {len(options)} rows")
+        n = 0 if prompts is None else prompts.shape[1]
+        pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
+        rows = [self._tokenize(i, sources[i], options[i][j], n) for i, j in pairs]
+        order = sorted(range(len(rows)), key=lambda k: rows[k].length)
+        sums = torch.zeros(len(rows))
+        counts = torch.zeros(len(rows), dtype=torch.long)
+        for chunk in self._chunks(order, rows, n):
+            s, c = self._log_likelihood(prompts, [rows[k] for k in chunk])
+            sums[chunk] = s.float().cpu()
+            counts[chunk] = c.cpu()
+        out: list[OptionScores] = []
+        start = 0
+        for opts in options:
+            end = start + len(opts)
+            out.append(OptionScores(sums[start:end], counts[start:end]))
+            start = end
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy decoding of each row's continuation. prompts: [batch, n, d] or None. Returns batch strings."""
+        self._check_prompts(prompts, len(sources))
+        if not sources:
+            return []
+        n = 0 if prompts is None else prompts.shape[1]
+        if self.is_encoder_decoder:
+            emb, mask = self._encoder_inputs(prompts, [self._tokenize(i, s, "", n).source
+                                                       for i, s in enumerate(sources)])
+            out = self.model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
+            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self._greedy_causal(prompts, sources, max_new_tokens)
+
+    # ------------------------------------------------------------------------------------- internals
+    def _check_prompts(self, prompts: Tensor | None, batch: int) -> None:
+        if prompts is None:
+            return
+        if prompts.dim() != 3 or prompts.shape[0] != batch or prompts.shape[2] != self.hidden_size:
+            raise ValueError(
+                f"prompts must have shape [batch={batch}, n, d={self.hidden_size}], got {tuple(prompts.shape)}"
+            )
+
+    def _tokenize(self, prompt_row: int, source: str, target: str, n_prompt: int,
+                  reserve: int = 0) -> _Row:
+        """Token ids of one row; the source is cut from the left when the row exceeds the context.
+
+        `reserve` keeps room for tokens generated later."""
+        tok = self.tokenizer
+        src = tok(source, add_special_tokens=True).input_ids
+        if self.is_encoder_decoder:
+            tgt = tok(target.strip(), add_special_tokens=True).input_ids if target else []
+            budget_src, tgt = self.max_length - n_prompt, tgt[: self.max_length]
+        else:
+            tgt = tok(target, add_special_tokens=False).input_ids if target else []
+            if target and self._eos is not None:
+                tgt = [*tgt, self._eos]
+            tgt = tgt[: max(self.max_length - n_prompt - reserve - 1, 1)]
+            budget_src = self.max_length - n_prompt - reserve - len(tgt)
+        if budget_src < 1:
+            raise ValueError(f"a soft prompt of {n_prompt} tokens leaves no room in a context of "
+                             f"{self.max_length} tokens")
+        if len(src) > budget_src:
+            keep_bos = bool(src) and src[0] == self._bos and budget_src > 1
+            src = ([src[0]] if keep_bos else []) + src[len(src) - budget_src + int(keep_bos):]
+            self.truncated_inputs += 1
+            message = (f"input of row {prompt_row} is longer than the model's context ({self.max_length} "
+                       f"tokens with a {n_prompt}-token prompt); cut from the left to {budget_src} tokens")
+            log.warning(message)
+            warnings.warn(InputTruncatedWarning(message), stacklevel=3)
+        return _Row(prompt_row, src, tgt)
+
+    def _chunks(self, order: list[int], rows: list[_Row], n_prompt: int) -> list[list[int]]:
+        """Group row indices (sorted by length) into batches whose padded size fits the token budget."""
+        chunks: list[list[int]] = []
+        current: list[int] = []
+        for k in order:
+            width = n_prompt + rows[k].length
+            if current and (len(current) + 1) * width > self.max_batch_tokens:
+                chunks.append(current)
+                current = []
+            current.append(k)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _log_likelihood(self, prompts: Tensor | None, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        if self.is_encoder_decoder:
+            return self._seq2seq_log_likelihood(prompts, rows)
+        return self._causal_log_likelihood(prompts, rows)
+
+    def _row_prompts(self, prompts: Tensor | None, rows: list[_Row]) -> Tensor | None:
+        if prompts is None:
+            return None
+        index = torch.tensor([r.prompt_row for r in rows], device=prompts.device)
+        return prompts.index_select(0, index).to(device=self.device, dtype=self.dtype)
+
+    def _pad(self, seqs: list[list[int]], left: bool = False) -> tuple[Tensor, Tensor]:
+        """Pad token id lists to [b, T] ids and a [b, T] attention mask."""
+        width = max((len(s) for s in seqs), default=0)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                sl = slice(width - len(s), width) if left else slice(0, len(s))
+                ids[i, sl] = torch.tensor(s)
+                mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _causal_log_likelihood(self, prompts: Tensor | None, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        # Layout per row (right padding): [prompt (n)] [source] [target] [pad...]. With causal attention,
+        # padding after a row's tokens cannot change them, so a row's result does not depend on its batch.
+        row_prompts = self._row_prompts(prompts, rows)
+        n = 0 if row_prompts is None else row_prompts.shape[1]
+        ids, mask = self._pad([r.source + r.target for r in rows])
+        emb = self.model.get_input_embeddings()(ids)
+        if row_prompts is not None:
+            emb = torch.cat([row_prompts, emb], dim=1)
+            mask = torch.cat([torch.ones(len(rows), n, dtype=mask.dtype, device=self.device), mask], dim=1)
+        # Target token j of row i sits at n + len(source) + j and is predicted from the position before it.
+        row_idx, pos_idx, tok = [], [], []
+        for i, r in enumerate(rows):
+            start = n + len(r.source)
+            row_idx += [i] * len(r.target)
+            pos_idx += range(start - 1, start - 1 + len(r.target))
+            tok += r.target
+        row_t = torch.tensor(row_idx, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(pos_idx, dtype=torch.long, device=self.device)
+        tok_t = torch.tensor(tok, dtype=torch.long, device=self.device)
+        if self._head_path:
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[row_t, pos_t])  # [num_target_tokens, V]
+        else:
+            logits = self.model(inputs_embeds=emb, attention_mask=mask).logits[row_t, pos_t]
+        token_logp = logits.float().log_softmax(-1).gather(1, tok_t[:, None]).squeeze(1)
+        sums = torch.zeros(len(rows), device=self.device).index_add(0, row_t, token_logp)
+        counts = torch.bincount(row_t, minlength=len(rows))
+        return sums, counts
+
+    def _encoder_inputs(self, prompts: Tensor | None, sources: list[list[int]],
+                        rows: list[_Row] | None = None) -> tuple[Tensor, Tensor]:
+        """Encoder input embeddings [b, n + S, d] with the prompt first, and their mask [b, n + S]."""
+        ids, mask = self._pad(sources)
+        emb = self.model.get_input_embeddings()(ids)
+        row_prompts = self._row_prompts(prompts, rows) if rows is not None else (
+            None if prompts is None else prompts.to(device=self.device, dtype=self.dtype))
+        if row_prompts is not None:
+            n = row_prompts.shape[1]
+            emb = torch.cat([row_prompts, emb], dim=1)
+            mask = torch.cat([torch.ones(len(sources), n, dtype=mask.dtype, device=self.device), mask], dim=1)
+        return emb, mask
+
+    def _seq2seq_log_likelihood(self, prompts: Tensor | None, rows: list[_Row]) -> tuple[Tensor, Tensor]:
+        emb, mask = self._encoder_inputs(prompts, [r.source for r in rows], rows)
+        labels, label_mask = self._pad([r.target for r in rows])
+        start = self.model.config.decoder_start_token_id
+        if start is None:
+            start = self.tokenizer.pad_token_id
+        decoder_in = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(label_mask[:, :1]), label_mask[:, :-1]], dim=1)
+        logits = self.model(inputs_embeds=emb, attention_mask=mask, decoder_input_ids=decoder_in,
+                            decoder_attention_mask=decoder_mask).logits
+        token_logp = logits.float().log_softmax(-1).gather(2, labels[..., None]).squeeze(2) * label_mask
+        return token_logp.sum(1), label_mask.sum(1)
+
+    def _greedy_causal(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int) -> list[str]:
+        # Layout per row (left padding): [pad...] [prompt] [source]; positions count real tokens only, so
+        # a row's tokens get the same positions as when it runs alone.
+        n = 0 if prompts is None else prompts.shape[1]
+        rows = [self._tokenize(i, s, "", n, reserve=max_new_tokens) for i, s in enumerate(sources)]
+        ids, tok_mask = self._pad([r.source for r in rows], left=True)
+        tok_emb = self.model.get_input_embeddings()(ids)
+        if prompts is None:
+            emb, mask = tok_emb, tok_mask
+        else:
+            p = prompts.to(device=self.device, dtype=self.dtype)
+            parts, masks = [], []
+            width = tok_emb.shape[1]
+            for i, r in enumerate(rows):
+                pad = width - len(r.source)
+                parts.append(torch.cat([tok_emb[i, :pad], p[i], tok_emb[i, pad:]], dim=0))
+                masks.append(torch.cat([tok_mask[i, :pad], torch.ones(n, dtype=tok_mask.dtype,
+                                                                       device=self.device), tok_mask[i, pad:]]))
+            emb, mask = torch.stack(parts), torch.stack(masks)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        generated = torch.empty((len(rows), 0), dtype=torch.long, device=self.device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            next_tok = out.logits[:, -1].argmax(-1)
+            if self._eos is not None:
+                next_tok = torch.where(done, torch.full_like(next_tok, self._eos), next_tok)
+                done |= next_tok == self._eos
+            generated = torch.cat([generated, next_tok[:, None]], dim=1)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=positions,
+                             past_key_values=out.past_key_values, use_cache=True, **extra)
+        texts = []
+        for row in generated.tolist():
+            if self._eos is not None and self._eos in row:
+                row = row[: row.index(self._eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    @torch.no_grad()
+    def _lm_head_matches_logits(self) -> bool:
+        """Whether logits == output_embeddings(base_model(x)) for this model, checked once on a tiny input.
+
+        When true, scoring applies the LM head only at target positions instead of over the whole
+        sequence, which saves a [batch, length, vocab] tensor. Models that post-process logits (soft
+        capping, scaling) fail the check and use the full forward."""
+        head = self.model.get_output_embeddings()
+        base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+        if head is None or base is None or base is self.model:
+            return False
+        ids = torch.tensor([[min(5, self.model.config.vocab_size - 1)] * 3], device=self.device)
+        try:
+            full = self.model(input_ids=ids).logits
+            partial = head(base(input_ids=ids).last_hidden_state)
+        except Exception:  # an unusual architecture: take the safe path
+            return False
+        return bool(torch.allclose(full, partial, atol=1e-4, rtol=1e-4))

@@ -1,0 +1,91 @@
+"""Predicting and scoring tasks with one soft prompt per task, all tasks batched together.
+
+Rows of every task go through the backbone together, each row with its own task's prompt: option tasks
+(classification, multiple choice) by rank classification, generation tasks by greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.metrics import compute_metric
+from ipt_engine.tasks import Example, Task
+
+DEFAULT_GENERATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer to one input; for option tasks also the probability of each option."""
+
+    output: str
+    options: tuple[str, ...] | None = None
+    probabilities: tuple[float, ...] | None = None
+
+
+def predict(backbone: Backbone, tasks: Sequence[Task], examples: Sequence[Sequence[Example]],
+            prompts: Tensor | None, *, max_new_tokens: int = 32, length_normalized: bool = True,
+            generation_batch: int = DEFAULT_GENERATION_BATCH) -> list[list[Prediction]]:
+    """Answer `examples[t]` of every task t with prompt `prompts[t]`.
+
+    Args:
+        prompts: [num_tasks, n, d], one soft prompt per task, or None for the bare PLM.
+    Returns:
+        per task, one Prediction per example.
+    """
+    if prompts is not None and prompts.shape[0] != len(tasks):
+        raise ValueError(f"{len(tasks)} tasks but {prompts.shape[0]} prompts")
+    flat = [(t, i) for t, exs in enumerate(examples) for i in range(len(exs))]
+    results: list[list[Prediction | None]] = [[None] * len(exs) for exs in examples]
+    option_rows = [(t, i) for t, i in flat if tasks[t].kind.has_options]
+    gen_rows = [(t, i) for t, i in flat if not tasks[t].kind.has_options]
+
+    def rows_prompts(rows: list[tuple[int, int]]) -> Tensor | None:
+        if prompts is None:
+            return None
+        return prompts.index_select(0, torch.tensor([t for t, _ in rows], device=prompts.device))
+
+    with torch.no_grad():
+        if option_rows:
+            sources, options = [], []
+            for t, i in option_rows:
+                ex = examples[t][i]
+                opts = tasks[t].options_for(ex) or ()
+                sources.append(tasks[t].text_pair(ex).source)
+                options.append(opts)
+            formatted = [[" " + o.strip() for o in opts] for opts in options]
+            scored = backbone.score_options(rows_prompts(option_rows), sources, formatted)
+            for (t, i), opts, sc in zip(option_rows, options, scored, strict=True):
+                probs = sc.probabilities(length_normalized)
+                results[t][i] = Prediction(opts[int(probs.argmax())], tuple(opts),
+                                           tuple(float(p) for p in probs))
+        for start in range(0, len(gen_rows), generation_batch):
+            chunk = gen_rows[start:start + generation_batch]
+            sources = [tasks[t].text_pair(examples[t][i]).source for t, i in chunk]
+            texts = backbone.generate(rows_prompts(chunk), sources, max_new_tokens=max_new_tokens)
+            for (t, i), text in zip(chunk, texts, strict=True):
+                results[t][i] = Prediction(text)
+    return [[p for p in per_task if p is not None] for per_task in results]
+
+
+def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[Prediction]) -> float:
+    """The task's metric over its predictions, in [0, 1]."""
+    refs = [ex.output if len(ex.all_references) == 1 else list(ex.all_references) for ex in examples]
+    return compute_metric(task.metric, [p.output for p in predictions], refs, labels=task.labels)
+
+
+def evaluate(backbone: Backbone, tasks: Sequence[Task], prompts: Tensor | None, split: str = "dev", *,
+             max_new_tokens: int = 32, length_normalized: bool = True) -> list[float]:
+    """Score every task on its `split` ("dev" or "test") with its prompt. prompts: [num_tasks, n, d] or None.
+
+    Tasks without examples in that split score NaN."""
+    examples = [list(getattr(t, split)) for t in tasks]
+    preds = predict(backbone, tasks, examples, prompts, max_new_tokens=max_new_tokens,
+                    length_normalized=length_normalized)
+    return [score_predictions(t, exs, ps) if exs else float("nan")
+            for t, exs, ps in zip(tasks, examples, preds, strict=True)]

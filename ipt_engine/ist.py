@@ -1,0 +1,101 @@
+"""Intrinsic Subspace Tuning (IST): learn a task as z in R^{d_I}, with Proj_b and the PLM frozen.
+
+The soft prompt of a task is Proj_b(z). Several tasks train in one batch, each row using its own task's
+z, and each task keeps its own best-dev z and stops on its own (see `ipt_engine.training`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from torch import Tensor, nn
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.subspace import ProjB
+from ipt_engine.tasks import Task
+from ipt_engine.training import PromptParameters, TrainConfig, TaskTrainResult, train_prompts
+
+DEFAULT_IST_LEARNING_RATE = 0.05
+"""z has few coordinates and Proj_b maps them to a whole prompt: steps far larger than PT's suit it."""
+
+
+class ZInit(StrEnum):
+    """How z starts."""
+
+    ZEROS = "zeros"
+    NORMAL = "normal"  # small normal noise (std `init_std`)
+    MEAN = "mean"  # the mean of known task vectors (e.g. the train tasks' z from MSF)
+
+
+class IntrinsicVectors(PromptParameters):
+    """IST parameters: `z_table` [num_tasks, d_I] trainable; prompts = Proj_b(z) with Proj_b frozen."""
+
+    per_task = True
+
+    def __init__(self, proj_b: ProjB, initial: Tensor) -> None:
+        super().__init__()
+        self.proj_b = proj_b
+        self.proj_b.requires_grad_(False)
+        self.z_table = nn.Parameter(initial.detach().float().clone())
+
+    @property
+    def task_table(self) -> nn.Parameter:
+        return self.z_table
+
+    def prompts(self, task_index: Tensor) -> Tensor:
+        return self.proj_b(self.z_table.index_select(0, task_index))
+
+
+def initial_vectors(num_tasks: int, d_intrinsic: int, init: ZInit | str = ZInit.ZEROS, *,
+                    known_vectors: Tensor | None = None, init_std: float = 0.01, seed: int = 0) -> Tensor:
+    """Starting z for each task: [num_tasks, d_I]."""
+    init = ZInit(init)
+    if init is ZInit.ZEROS:
+        return torch.zeros(num_tasks, d_intrinsic)
+    if init is ZInit.NORMAL:
+        return torch.randn(num_tasks, d_intrinsic, generator=torch.Generator().manual_seed(seed)) * init_std
+    if known_vectors is None or known_vectors.numel() == 0:
+        raise ValueError("z init 'mean' needs known task vectors (e.g. the z of the subspace's train tasks)")
+    if known_vectors.shape[-1] != d_intrinsic:
+        raise ValueError(f"known vectors have d_I={known_vectors.shape[-1]}, the subspace has {d_intrinsic}")
+    return known_vectors.float().mean(0, keepdim=True).cpu().repeat(num_tasks, 1)
+
+
+@dataclass
+class ISTResult:
+    """One task's IST outcome."""
+
+    task: str
+    z: Tensor  # [d_I] best-dev vector (fp32, CPU)
+    dev_score: float
+    steps: int
+    best_step: int
+    wall_seconds: float  # of the whole batched run this task was part of
+
+
+def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, config: TrainConfig, *,
+                            init: ZInit | str = ZInit.ZEROS, known_vectors: Tensor | None = None,
+                            initial_z: Tensor | None = None) -> list[ISTResult]:
+    """IST of every task in one batched run. Returns one ISTResult per task, in order."""
+    d_i = proj_b.config.d_intrinsic
+    if initial_z is None:
+        initial_z = initial_vectors(len(tasks), d_i, init, known_vectors=known_vectors, seed=config.seed)
+    elif tuple(initial_z.shape) != (len(tasks), d_i):
+        raise ValueError(f"initial_z must be [{len(tasks)}, {d_i}], got {tuple(initial_z.shape)}")
+    proj_b = proj_b.to(backbone.device).eval()
+    was_trainable = [p.requires_grad for p in proj_b.parameters()]
+    params = IntrinsicVectors(proj_b, initial_z).to(backbone.device)
+    try:
+        result = train_prompts(backbone, tasks, params, config, description="IST")
+    finally:
+        for p, flag in zip(proj_b.parameters(), was_trainable, strict=True):
+            p.requires_grad_(flag)
+    z = params.z_table.detach().cpu()
+    return [_ist_result(r, z[i], result.wall_seconds) for i, r in enumerate(result.tasks)]
+
+
+def _ist_result(r: TaskTrainResult, z: Tensor, wall: float) -> ISTResult:
+    return ISTResult(r.task, z.clone(), r.dev_score, r.steps, r.best_step, wall)
