@@ -105,11 +105,14 @@ class TrainResult:
 
 
 class _RowSampler:
-    """Cycles through each task's training pairs in a reshuffled order, epoch after epoch."""
+    """Cycles through each task's training pairs in a reshuffled order, epoch after epoch.
 
-    def __init__(self, pairs: list[list[TextPair]], seed: int) -> None:
+    Each task has its own random stream seeded by (seed, task name), so a task sees the same rows whether
+    it trains alone or together with others."""
+
+    def __init__(self, pairs: list[list[TextPair]], names: list[str], seed: int) -> None:
         self.pairs = pairs
-        self.rng = random.Random(seed)
+        self.rngs = [random.Random(f"{seed}:{name}") for name in names]
         self.order: list[list[int]] = [[] for _ in pairs]
 
     def take(self, task: int, k: int) -> list[TextPair]:
@@ -117,7 +120,7 @@ class _RowSampler:
         for _ in range(k):
             if not self.order[task]:
                 self.order[task] = list(range(len(self.pairs[task])))
-                self.rng.shuffle(self.order[task])
+                self.rngs[task].shuffle(self.order[task])
             out.append(self.pairs[task][self.order[task].pop()])
         return out
 
@@ -143,7 +146,7 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     num = len(tasks)
-    sampler = _RowSampler([[t.text_pair(e) for e in t.train] for t in tasks], config.seed)
+    sampler = _RowSampler([[t.text_pair(e) for e in t.train] for t in tasks], [t.name for t in tasks], config.seed)
     rng = random.Random(config.seed + 1)
     optimizer = torch.optim.AdamW([p for p in params.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -244,12 +247,12 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
         loss = (-(ll / count.clamp(min=1))).sum() * weight
         _check_finite(loss, step, [tasks[t].name for t, _ in chunk])
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     aux = params.auxiliary_loss(torch.tensor(batch_tasks, device=backbone.device))
     if aux is not None:
         _check_finite(aux, step, [tasks[t].name for t in batch_tasks])
         aux.backward()
-        total += float(aux)
+        total += float(aux.detach())
     _clip(params, config.max_grad_norm)
     optimizer.step()
     return total / len(batch_tasks) if params.per_task else total
@@ -258,7 +261,7 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
 def _check_finite(loss: Tensor, step: int, task_names: list[str]) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
-            f"loss became {float(loss)} at step {step} (tasks {sorted(set(task_names))}); training stopped and "
+            f"loss became {float(loss.detach())} at step {step} (tasks {sorted(set(task_names))}); training stopped and "
             f"the best parameters so far were kept. Lower the learning rate, or check the examples and backbone dtype"
         )
 

@@ -48,7 +48,8 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+                         initializer_range=0.3)
     return LlamaForCausalLM(config)
 
 
@@ -59,7 +60,7 @@ def tiny_bart(vocab_size: int, seed: int = 0) -> BartForConditionalGeneration:
     config = BartConfig(vocab_size=vocab_size, d_model=32, encoder_layers=1, decoder_layers=1,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                         decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+                        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, init_std=0.3)
     return BartForConditionalGeneration(config)
 
 
@@ -68,7 +69,8 @@ def tiny_t5(vocab_size: int, seed: int = 0) -> T5ForConditionalGeneration:
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
-                      num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+                      num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                      initializer_factor=5.0)
     return T5ForConditionalGeneration(config)
 
 

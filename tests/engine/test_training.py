@@ -1,0 +1,155 @@
+"""PT, MSF and IST mechanics on tiny random backbones: learning, best-dev selection, early stopping,
+NaN handling, and batched multi-task training equal to one-task-at-a-time training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.errors import InvalidTaskError, NonFiniteLossError
+from ipt_engine.evaluation import evaluate
+from ipt_engine.ist import ZInit, initial_vectors, intrinsic_subspace_tune
+from ipt_engine.msf import find_subspace, reconstruction_error
+from ipt_engine.prompt_tuning import ipt_initialised_prompt_tune, prompt_tune, sample_vocab_prompts
+from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
+from ipt_engine.tasks import Task, TaskKind
+from ipt_engine.training import TrainConfig
+from tests.conftest import make_task
+
+FAST = TrainConfig(learning_rate=0.05, max_steps=8, batch_size=4, eval_every=4, patience=3)
+
+
+def _train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
+    pairs = [task.text_pair(e) for e in task.train]
+    with torch.no_grad():
+        ll, count = bb.target_log_likelihood(prompt.expand(len(pairs), -1, -1), [p.source for p in pairs],
+                                             [p.target for p in pairs])
+    return float((-(ll / count)).mean())
+
+
+def test_prompt_tuning_lowers_the_training_loss(tiny_backbone: Backbone) -> None:
+    task = make_task("gen", TaskKind.GENERATION, n=8)
+    init = sample_vocab_prompts(tiny_backbone.input_embeddings, 1, 4, seed=0)
+    config = TrainConfig(learning_rate=0.1, max_steps=25, batch_size=4, eval_every=25, patience=5,
+                         eval_at_start=False, max_new_tokens=4)
+    result = prompt_tune(tiny_backbone, [task], config, initial_prompts=init)
+    assert result.prompts.shape == (1, 4, tiny_backbone.hidden_size)
+    assert _train_loss(tiny_backbone, task, result.prompts) < _train_loss(tiny_backbone, task, init) - 0.1
+
+
+def test_initial_prompts_are_sampled_vocabulary_embeddings(tiny_causal: Backbone) -> None:
+    prompts = sample_vocab_prompts(tiny_causal.input_embeddings, 2, 3, seed=1)
+    emb = tiny_causal.input_embeddings.detach()
+    for row in prompts.reshape(-1, emb.shape[1]):
+        assert bool((emb == row).all(dim=1).any())
+    assert torch.equal(prompts, sample_vocab_prompts(tiny_causal.input_embeddings, 2, 3, seed=1))
+
+
+def test_best_dev_prompts_are_the_ones_returned(tiny_causal: Backbone) -> None:
+    tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE)]
+    result = prompt_tune(tiny_causal, tasks, TrainConfig(learning_rate=0.5, max_steps=12, batch_size=4,
+                                                         eval_every=3, patience=10), n_prompt=3)
+    rescored = evaluate(tiny_causal, tasks, result.prompts, "dev")
+    assert rescored == pytest.approx([r.dev_score for r in result.train.tasks])
+    best_from_history = max(h["dev"] for h in result.train.history)
+    assert result.train.mean_dev_score >= best_from_history - 1e-9
+
+
+def test_early_stopping_stops_a_task_that_does_not_improve(tiny_causal: Backbone) -> None:
+    config = TrainConfig(learning_rate=1e-9, max_steps=50, batch_size=2, eval_every=1, patience=2)
+    result = prompt_tune(tiny_causal, [make_task()], config, n_prompt=2)
+    assert result.train.tasks[0].stopped_early
+    assert result.train.steps == 2 and result.train.tasks[0].best_step == 0
+
+
+def test_nan_loss_stops_training_with_a_clear_error(tiny_causal: Backbone) -> None:
+    init = torch.full((1, 2, tiny_causal.hidden_size), float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 1 \(tasks \['sentiment'\]\)"):
+        prompt_tune(tiny_causal, [make_task()], FAST, initial_prompts=init)
+
+
+def test_training_needs_dev_examples_and_unique_names(tiny_causal: Backbone) -> None:
+    task = make_task()
+    no_dev = Task("nodev", task.kind, task.train, [], [], task.labels)
+    with pytest.raises(InvalidTaskError, match="no dev examples"):
+        prompt_tune(tiny_causal, [no_dev], FAST)
+    with pytest.raises(InvalidTaskError, match="unique"):
+        prompt_tune(tiny_causal, [task, task], FAST)
+
+
+def _subspace(bb: Backbone, n: int = 3, d_i: int = 4) -> IntrinsicSubspace:
+    torch.manual_seed(0)
+    return IntrinsicSubspace(SubspaceConfig(n, bb.hidden_size, d_i, 16))
+
+
+def test_ist_trains_only_z(tiny_backbone: Backbone) -> None:
+    sub = _subspace(tiny_backbone)
+    before = {k: v.clone() for k, v in sub.proj_b.state_dict().items()}
+    results = intrinsic_subspace_tune(tiny_backbone, [make_task()], sub.proj_b,
+                                      TrainConfig(learning_rate=0.5, max_steps=6, batch_size=4, eval_every=2,
+                                                  patience=5, eval_at_start=False))
+    (r,) = results
+    assert r.z.shape == (4,) and r.steps == 6 and r.wall_seconds > 0
+    assert float(r.z.abs().sum()) > 0  # z moved from zeros
+    for k, v in sub.proj_b.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.requires_grad for p in sub.proj_b.parameters())  # restored afterwards
+
+
+def test_batched_ist_equals_one_task_at_a_time(tiny_causal: Backbone) -> None:
+    """Several tasks in one IST batch reach the same z as each task trained alone."""
+    sub = _subspace(tiny_causal)
+    tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE), make_task("c", TaskKind.GENERATION)]
+    config = TrainConfig(learning_rate=0.3, max_steps=6, batch_size=3, eval_every=3, patience=5, max_new_tokens=3)
+    init = initial_vectors(3, 4, ZInit.NORMAL, init_std=0.5, seed=1)
+    together = intrinsic_subspace_tune(tiny_causal, tasks, sub.proj_b, config, initial_z=init)
+    for i, task in enumerate(tasks):
+        (alone,) = intrinsic_subspace_tune(tiny_causal, [task], sub.proj_b, config, initial_z=init[i:i + 1])
+        torch.testing.assert_close(together[i].z, alone.z, atol=1e-4, rtol=0)
+        assert together[i].dev_score == pytest.approx(alone.dev_score)
+
+
+def test_z_initialisation_options() -> None:
+    assert torch.equal(initial_vectors(2, 3, "zeros"), torch.zeros(2, 3))
+    normal = initial_vectors(2, 3, "normal", init_std=0.01, seed=0)
+    assert 0 < float(normal.abs().max()) < 0.1
+    known = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+    assert torch.equal(initial_vectors(2, 3, "mean", known_vectors=known), torch.tensor([[2.0, 3.0, 4.0]] * 2))
+    with pytest.raises(ValueError, match="needs known task vectors"):
+        initial_vectors(1, 3, "mean")
+
+
+def test_msf_learns_to_reconstruct_prompts(tiny_causal: Backbone) -> None:
+    tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE), make_task("c")]
+    prompts = sample_vocab_prompts(tiny_causal.input_embeddings, 3, 3, seed=0)
+    sub_cfg = SubspaceConfig(3, tiny_causal.hidden_size, 4, 16)
+    torch.manual_seed(0)
+    untrained = reconstruction_error(IntrinsicSubspace(sub_cfg), prompts)
+    config = TrainConfig(learning_rate=1e-2, max_steps=30, batch_size=2, tasks_per_step=2, eval_every=30,
+                         patience=5, eval_at_start=False)
+    result = find_subspace(tiny_causal, tasks, config, sub_cfg, task_prompts=prompts, alpha=1000.0)
+    assert result.task_vectors.shape == (3, 4)
+    assert reconstruction_error(result.subspace, prompts) < untrained / 2
+    assert all(not p.requires_grad or p.grad is None for p in tiny_causal.model.parameters())
+
+
+def test_msf_without_proj_trains_z_and_proj_b_jointly(tiny_seq2seq: Backbone) -> None:
+    tasks = [make_task("a"), make_task("b", TaskKind.GENERATION)]
+    sub_cfg = SubspaceConfig(3, tiny_seq2seq.hidden_size, 4, 16, with_proj=False)
+    config = TrainConfig(learning_rate=1e-2, max_steps=4, batch_size=2, eval_every=2, patience=5, max_new_tokens=3)
+    result = find_subspace(tiny_seq2seq, tasks, config, sub_cfg)
+    assert result.subspace.proj is None
+    assert result.task_vectors.shape == (2, 4) and float(result.task_vectors.abs().sum()) > 0
+    with pytest.raises(ValueError, match="needs the tasks' PT prompts"):
+        find_subspace(tiny_seq2seq, tasks, config, SubspaceConfig(3, tiny_seq2seq.hidden_size, 4, 16))
+
+
+def test_ipt_initialised_pt_starts_from_proj_b_of_z(tiny_causal: Backbone) -> None:
+    sub = _subspace(tiny_causal)
+    z = torch.randn(1, 4)
+    config = TrainConfig(learning_rate=1e-9, max_steps=1, batch_size=2, eval_every=1, patience=1,
+                         weight_decay=0.0)
+    result = ipt_initialised_prompt_tune(tiny_causal, [make_task()], sub.proj_b, z, config)
+    with torch.no_grad():
+        torch.testing.assert_close(result.prompts, sub.proj_b(z), atol=1e-5, rtol=0)
