@@ -172,13 +172,15 @@ class Backbone:
         n = 0 if prompts is None else prompts.shape[1]
         pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
         rows = [self._tokenize(i, sources[i], options[i][j], n) for i, j in pairs]
-        order = sorted(range(len(rows)), key=lambda k: rows[k].length)
         sums = torch.zeros(len(rows))
-        counts = torch.zeros(len(rows), dtype=torch.long)
-        for chunk in self._chunks(order, rows, n):
-            s, c = self._log_likelihood(prompts, [rows[k] for k in chunk])
-            sums[chunk] = s.float().cpu()
-            counts[chunk] = c.cpu()
+        counts = torch.tensor([len(r.target) for r in rows], dtype=torch.long)
+        if self.is_encoder_decoder:
+            order = sorted(range(len(rows)), key=lambda k: rows[k].length)
+            for chunk in self._chunks(order, rows, n):
+                s, _ = self._log_likelihood(prompts, [rows[k] for k in chunk])
+                sums[chunk] = s.float().cpu()
+        else:
+            self._score_shared_prefix(prompts, rows, n, sums)
         out: list[OptionScores] = []
         start = 0
         for opts in options:
@@ -253,6 +255,75 @@ class Backbone:
         if current:
             chunks.append(current)
         return chunks
+
+    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor) -> None:
+        """Causal LMs: run each row's prompt + source once and score all its options on the shared KV cache.
+
+        A row with k options costs n + S + k * T tokens instead of k * (n + S + T). `rows` holds one entry
+        per (row, option); entries of one row are contiguous. Writes each option's log-likelihood into `sums`.
+        """
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(rows):
+            groups.setdefault(r.prompt_row, []).append(k)
+        # All options of a row share the shortest (most truncated) source, which fits the longest option.
+        prefix = {i: min((rows[k].source for k in ks), key=len) for i, ks in groups.items()}
+        order = sorted(groups, key=lambda i: len(prefix[i]))
+        chunk: list[int] = []
+        for i in [*order, None]:
+            if i is not None:
+                width = n + len(prefix[i])
+                opt_width = max(len(rows[k].target) for k in groups[i])
+                n_opts = sum(len(groups[j]) for j in chunk) + len(groups[i])
+                fits = (len(chunk) + 1) * width <= self.max_batch_tokens and n_opts * opt_width <= self.max_batch_tokens
+                if not chunk or fits:
+                    chunk.append(i)
+                    continue
+            self._score_prefix_chunk(prompts, chunk, {j: prefix[j] for j in chunk},
+                                     {j: [(k, rows[k].target) for k in groups[j]] for j in chunk}, n, sums)
+            chunk = [i] if i is not None else []
+
+    def _score_prefix_chunk(self, prompts: Tensor | None, chunk: list[int], prefix: dict[int, list[int]],
+                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor) -> None:
+        ids, mask = self._pad([prefix[i] for i in chunk])
+        emb = self.model.get_input_embeddings()(ids)
+        if prompts is not None:
+            p = prompts.index_select(0, torch.tensor(chunk, device=prompts.device)).to(self.device, self.dtype)
+            emb = torch.cat([p, emb], dim=1)
+            mask = torch.cat([torch.ones(len(chunk), n, dtype=mask.dtype, device=self.device), mask], dim=1)
+        states, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+        lengths = torch.tensor([n + len(prefix[i]) for i in chunk], device=self.device)  # real prefix lengths
+        pair_chunk_row = [c for c, i in enumerate(chunk) for _ in targets[i]]
+        pair_index = [k for i in chunk for k, _ in targets[i]]
+        pair_tokens = [t for i in chunk for _, t in targets[i]]
+        rows_t = torch.tensor(pair_chunk_row, device=self.device)
+        # first option token: predicted from the last real prefix position
+        last = states[torch.arange(len(chunk), device=self.device), lengths - 1]
+        first_logp = self._to_logits(last).float().log_softmax(-1)
+        first_tok = torch.tensor([t[0] for t in pair_tokens], device=self.device)
+        total = first_logp[rows_t, first_tok]
+        if max(len(t) for t in pair_tokens) > 1:
+            # remaining tokens: feed option tokens [:-1] after the cached prefix, each row's cache repeated
+            cache.reorder_cache(rows_t)
+            inp, inp_mask = self._pad([t[:-1] for t in pair_tokens])
+            full_mask = torch.cat([mask.index_select(0, rows_t), inp_mask], dim=1)
+            positions = lengths.index_select(0, rows_t)[:, None] + torch.arange(inp.shape[1], device=self.device)
+            more, _ = self._causal_states(input_ids=inp, attention_mask=full_mask, position_ids=positions,
+                                          past_key_values=cache, use_cache=True)
+            nxt, _ = self._pad([t[1:] for t in pair_tokens])
+            logp = self._to_logits(more).float().log_softmax(-1).gather(2, nxt[..., None]).squeeze(2)
+            total = total + (logp * inp_mask).sum(1)
+        sums[pair_index] = total.cpu()
+
+    def _causal_states(self, **inputs: object) -> tuple[Tensor, object]:
+        """Forward a causal LM; returns (hidden states, or logits when the head path is off) and the cache."""
+        if self._head_path:
+            out = getattr(self.model, self.model.base_model_prefix)(**inputs)
+            return out.last_hidden_state, out.past_key_values
+        out = self.model(**inputs)
+        return out.logits, out.past_key_values
+
+    def _to_logits(self, states: Tensor) -> Tensor:
+        return self.model.get_output_embeddings()(states) if self._head_path else states
 
     def _log_likelihood(self, prompts: Tensor | None, rows: list[_Row]) -> tuple[Tensor, Tensor]:
         if self.is_encoder_decoder:

@@ -93,7 +93,8 @@ def pt(tasks: TasksArg, out: Annotated[Path, typer.Option(help="output directory
 
 @app.command()
 def msf(tasks: TasksArg, out: Annotated[Path, typer.Option(help="artifact directory to write")],
-        prompts: Annotated[Path | None, typer.Option(help="prompts.safetensors from `ipt pt` (not needed with --no-proj)")] = None,
+        prompts: Annotated[Path | None, typer.Option(
+            help="prompts.safetensors from `ipt pt` (not needed with --no-proj)")] = None,
         d_intrinsic: Annotated[int, typer.Option(help="intrinsic dimension d_I")] = 250,
         d_hidden: Annotated[int, typer.Option(help="Proj_b hidden width d_I'")] = 768,
         n_prompt: Annotated[int, typer.Option(help="prompt length n (--no-proj only; else from the prompts)")] = 100,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ipt_engine.backbone import Backbone
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
-from ipt_engine.training import PromptParameters, TrainConfig, TaskTrainResult, train_prompts
+from ipt_engine.training import PromptParameters, TaskTrainResult, TrainConfig, train_prompts
 
 DEFAULT_IST_LEARNING_RATE = 0.05
 """z has few coordinates and Proj_b maps them to a whole prompt: steps far larger than PT's suit it."""

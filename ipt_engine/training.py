@@ -166,6 +166,8 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
             prompts = params.prompts(torch.tensor(idx, device=backbone.device))
         scores = evaluate(backbone, [tasks[i] for i in idx], prompts, "dev", max_new_tokens=config.max_new_tokens)
         history.append({"step": step, "loss": loss, "dev": sum(scores) / len(scores)})
+        log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
+                 history[-1]["dev"], len(idx))
         if params.per_task:
             table = params.task_table
             assert table is not None
@@ -261,8 +263,9 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
 def _check_finite(loss: Tensor, step: int, task_names: list[str]) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
-            f"loss became {float(loss.detach())} at step {step} (tasks {sorted(set(task_names))}); training stopped and "
-            f"the best parameters so far were kept. Lower the learning rate, or check the examples and backbone dtype"
+            f"loss became {float(loss.detach())} at step {step} (tasks {sorted(set(task_names))}); training "
+            f"stopped and the best parameters so far were kept. Lower the learning rate, or check the examples "
+            f"and the backbone dtype"
         )
 
 

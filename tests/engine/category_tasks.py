@@ -63,3 +63,21 @@ RELATED = {
     "category_d": ["vehicle", "color", "profession"],
 }
 TARGET = ("category_target", ["fruit", "sport", "instrument"])
+
+
+def write_task_files(directory: str) -> None:
+    """Write related.jsonl (the related tasks) and target.jsonl (the new task) for the demo."""
+    from pathlib import Path
+
+    from ipt_engine.tasks import save_tasks
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tasks([category_task(n, c, seed=i) for i, (n, c) in enumerate(RELATED.items())], out / "related.jsonl")
+    save_tasks([category_task(TARGET[0], TARGET[1], seed=len(RELATED))], out / "target.jsonl")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_task_files(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")

@@ -69,11 +69,11 @@ def test_scoring_packs_rows_into_few_forward_passes(tiny_causal: Backbone) -> No
     budget = tiny_causal.max_batch_tokens
     try:
         tiny_causal.score_options(None, SOURCES_B, OPTIONS_B)
-        assert len(calls) == 1  # 9 (row, option) pairs fit one forward within the token budget
+        assert len(calls) == 2  # 3 rows x 3 options fit the budget: one pass over prefixes, one over options
         calls.clear()
         tiny_causal.max_batch_tokens = 40
         tiny_causal.score_options(None, SOURCES_B, OPTIONS_B)
-        assert len(calls) > 1  # a small budget splits them
+        assert len(calls) > 2  # a small budget splits them
     finally:
         tiny_causal.max_batch_tokens = budget
         handle.remove()
@@ -145,3 +145,15 @@ def test_dtype_is_configurable(tiny_model_dirs: dict) -> None:
 def test_unknown_backbone_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(BackboneLoadError, match="could not load backbone"):
         Backbone.load(str(tmp_path / "no-such-model"))
+
+
+def test_option_scores_equal_the_full_sequence_log_likelihood(tiny_backbone: Backbone) -> None:
+    """Scoring options on a shared prefix cache gives the same numbers as scoring each full sequence."""
+    prompts = _prompts(tiny_backbone, 3, seed=4)
+    options = [[" weather", " sports", " food news today"], [" a"], [" sports", " weather report"]]
+    scored = tiny_backbone.score_options(prompts, SOURCES_B, options)
+    for i, opts in enumerate(options):
+        ll, count = tiny_backbone.target_log_likelihood(prompts[i:i + 1].expand(len(opts), -1, -1),
+                                                        [SOURCES_B[i]] * len(opts), opts)
+        torch.testing.assert_close(scored[i].log_likelihoods, ll.detach(), atol=1e-4, rtol=0)
+        assert torch.equal(scored[i].num_tokens, count)

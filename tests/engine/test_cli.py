@@ -1,0 +1,77 @@
+"""The `ipt` CLI end to end on a tiny backbone: pt -> msf -> ist -> eval, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ipt_engine.cli import app, main
+from ipt_engine.tasks import TaskKind, save_tasks
+from tests.conftest import make_task
+
+runner = CliRunner()
+STEPS = ["--max-steps", "2", "--eval-every", "1", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture()
+def task_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tasks.jsonl"
+    save_tasks([make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE), make_task("c", TaskKind.GENERATION)], path)
+    return path
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_dirs: dict) -> None:
+    bb = ["--backbone", str(tiny_model_dirs["llama"])]
+    out = _ok(["pt", str(task_file), "--out", str(tmp_path / "pt"), "--n-prompt", "3", *STEPS, *bb])
+    assert "Prompt tuning" in out and "mean best dev" in out
+    assert (tmp_path / "pt" / "prompts.safetensors").is_file()
+    assert json.loads((tmp_path / "pt" / "results.json").read_text())["tasks"][0]["task"] == "a"
+
+    _ok(["msf", str(task_file), "--prompts", str(tmp_path / "pt" / "prompts.safetensors"), "--out",
+         str(tmp_path / "sub"), "--d-intrinsic", "4", "--d-hidden", "8", *STEPS, *bb])
+    meta = json.loads((tmp_path / "sub" / "subspace.json").read_text())
+    assert meta["config"]["d_intrinsic"] == 4 and meta["provenance"]["tasks"] == ["a", "b", "c"]
+    assert "reconstruction_mse" in meta["eval_summary"]
+
+    out = _ok(["ist", str(task_file), "--subspace", str(tmp_path / "sub"), "--out", str(tmp_path / "ist"),
+               "--init", "mean", *STEPS, *bb])
+    assert "Intrinsic subspace tuning" in out
+    assert (tmp_path / "ist" / "task_vectors.safetensors").is_file()
+
+    _ok(["eval", str(task_file), "--subspace", str(tmp_path / "sub"), "--vectors",
+         str(tmp_path / "ist" / "task_vectors.safetensors"), "--out", str(tmp_path / "scores.json"), *bb,
+         "--device", "cpu"])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["mode"] == "IST vectors" and set(scores["scores"]) == {"a", "b", "c"}
+    _ok(["eval", str(task_file), "--split", "dev", *bb, "--device", "cpu"])
+
+
+def test_msf_without_proj_needs_no_prompts(tmp_path: Path, task_file: Path, tiny_model_dirs: dict) -> None:
+    _ok(["msf", str(task_file), "--no-proj", "--n-prompt", "2", "--out", str(tmp_path / "sub"),
+         "--d-intrinsic", "3", "--d-hidden", "8", *STEPS, "--backbone", str(tiny_model_dirs["bart"])])
+    assert json.loads((tmp_path / "sub" / "subspace.json").read_text())["config"]["with_proj"] is False
+
+
+def test_bad_task_file_exits_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"name": "x", "kind": "classification", "train": [{"input": "a", "output": "b"}]}\n')
+    monkeypatch.setattr("sys.argv", ["ipt", "eval", str(bad)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "1 training example" in capsys.readouterr().err
+
+
+def test_eval_rejects_conflicting_options(task_file: Path) -> None:
+    result = runner.invoke(app, ["eval", str(task_file), "--subspace", "x"])
+    assert result.exit_code != 0 and "go together" in result.output
