@@ -18,8 +18,11 @@ from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
 from ipt_engine.training import PromptParameters, TaskTrainResult, TrainConfig, train_prompts
 
-DEFAULT_IST_LEARNING_RATE = 0.05
-"""z has few coordinates and Proj_b maps them to a whole prompt: steps far larger than PT's suit it."""
+DEFAULT_IST_LEARNING_RATE = 1.0
+"""z has few coordinates, and the task vectors MSF finds lie far from the origin (|z_i| of order 10 with
+SmolLM2 and d_I = 4), so steps far larger than PT's suit it: with 0.1, IST from z = 0 did not leave the
+origin's neighbourhood in 40 steps; with 1.0 it reached 0.89 test accuracy on a new task (see the
+real-model test)."""
 
 
 class ZInit(StrEnum):

@@ -1,0 +1,76 @@
+"""Claims about the real SmolLM2-135M backbone (marked `real_model`; they run in CI too, ~6 minutes on 2 cores).
+
+A new 3-label classification task (16 training examples per label, held-out test examples) is learned
+by IST inside a subspace that MSF found from four related tasks in this test; it must beat both z = 0
+and the bare PLM. PT on the same task must beat the bare PLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.evaluation import evaluate
+from ipt_engine.ist import intrinsic_subspace_tune
+from ipt_engine.model_loading import load_smollm2
+from ipt_engine.msf import find_subspace
+from ipt_engine.prompt_tuning import prompt_tune
+from ipt_engine.subspace import SubspaceConfig
+from ipt_engine.training import TrainConfig
+from tests.engine.category_tasks import RELATED, TARGET, category_task
+
+pytestmark = pytest.mark.real_model
+
+
+def test_fp32_cache_round_trip(tmp_path: Path) -> None:
+    """The first load dequantises the GGUF and writes the cache; the second reads the same weights back."""
+    first_model, _, first = load_smollm2(tmp_path)
+    second_model, tokenizer, second = load_smollm2(tmp_path)
+    assert (first.source, second.source) == ("gguf", "fp32-cache")
+    assert (tmp_path / Path(second.path).name / "model.safetensors").is_file()
+    a, b = first_model.state_dict(), second_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first_model.config.hidden_size == 576 and len(tokenizer) == 49152
+
+
+def test_real_backbone_shape(real_backbone: Backbone) -> None:
+    assert real_backbone.backbone_id == "SmolLM2-135M-Instruct"
+    assert real_backbone.hidden_size == 576 and not real_backbone.is_encoder_decoder
+    assert all(not p.requires_grad for p in real_backbone.model.parameters())
+
+
+def test_ist_in_a_learned_subspace_beats_z0_and_no_prompt_and_pt_beats_no_prompt(real_backbone: Backbone) -> None:
+    bb = real_backbone
+    target = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8,
+                           test_per_label=12)
+    related = [category_task(name, cats, seed=i, dev_per_label=4) for i, (name, cats) in enumerate(RELATED.items())]
+    assert len(target.labels or ()) >= 3 and len(target.train) == 48 and len(target.test) == 36
+
+    # PT of the target and the related tasks in one batched run (each row with its own task's prompt).
+    pt = prompt_tune(bb, [target, *related],
+                     TrainConfig(learning_rate=0.1, max_steps=30, batch_size=6, eval_every=10, patience=2),
+                     n_prompt=10)
+    # MSF on the related tasks only: the target is unseen by the subspace.
+    msf = find_subspace(bb, related, TrainConfig(learning_rate=3e-3, max_steps=50, batch_size=6, eval_every=25,
+                                                 patience=2),
+                        SubspaceConfig(n_prompt=10, d_model=bb.hidden_size, d_intrinsic=4, d_hidden=64),
+                        task_prompts=pt.prompts[1:], alpha=200.0)
+    assert msf.train.mean_dev_score > 0.8  # the subspace holds the related tasks
+    (ist,) = intrinsic_subspace_tune(bb, [target], msf.subspace.proj_b,
+                                     TrainConfig(learning_rate=1.0, max_steps=30, batch_size=12, eval_every=5,
+                                                 patience=4))
+    with torch.no_grad():
+        prompts = {
+            "IST": msf.subspace.decode(ist.z[None]),
+            "z=0": msf.subspace.decode(torch.zeros(1, 4)),
+            "PT": pt.prompts[:1],
+        }
+    test = {name: evaluate(bb, [target], p.to(bb.device), "test")[0] for name, p in prompts.items()}
+    test["no prompt"] = evaluate(bb, [target], None, "test")[0]
+    print("test accuracy on the new task:", {k: round(v, 3) for k, v in test.items()})
+    assert test["IST"] > test["z=0"]
+    assert test["IST"] > test["no prompt"]
+    assert test["PT"] > test["no prompt"]
