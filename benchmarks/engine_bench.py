@@ -37,8 +37,10 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def sources(count: int) -> list[str]:
-    texts = [f"review number {i}: the film had a {w} story and {v} acting overall" for i, (w, v) in
-             enumerate(zip(["simple", "moving", "dull", "clever"] * 64, ["fine", "weak", "strong", "odd"] * 64, strict=True))]
+    story = ["simple", "moving", "dull", "clever"] * 64
+    acting = ["fine", "weak", "strong", "odd"] * 64
+    texts = [f"review number {i}: the film had a {w} story and {v} acting overall"
+             for i, (w, v) in enumerate(zip(story, acting, strict=True))]
     return [to_text_pair("sentiment", TaskKind.CLASSIFICATION, t).source for t in texts[:count]]
 
 

@@ -151,7 +151,7 @@ class Backbone:
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         n = 0 if prompts is None else prompts.shape[1]
-        rows = [self._tokenize(i, s, t, n) for i, (s, t) in enumerate(zip(sources, targets, strict=True))]
+        rows = [self._tokenize(i, s, [t], n)[0] for i, (s, t) in enumerate(zip(sources, targets, strict=True))]
         return self._log_likelihood(prompts, rows)
 
     @torch.no_grad()
@@ -170,8 +170,12 @@ class Backbone:
         if len(options) != len(sources):
             raise ValueError(f"{len(sources)} sources but options for {len(options)} rows")
         n = 0 if prompts is None else prompts.shape[1]
-        pairs = [(i, j) for i, opts in enumerate(options) for j in range(len(opts))]
-        rows = [self._tokenize(i, sources[i], options[i][j], n) for i, j in pairs]
+        empty = [i for i, opts in enumerate(options) if not opts]
+        if empty:
+            raise ValueError(f"rows {empty[:10]} have no answer options to score")
+        if not sources:
+            return []
+        rows = [row for i, opts in enumerate(options) for row in self._tokenize(i, sources[i], opts, n)]
         sums = torch.zeros(len(rows))
         counts = torch.tensor([len(r.target) for r in rows], dtype=torch.long)
         if self.is_encoder_decoder:
@@ -197,7 +201,7 @@ class Backbone:
             return []
         n = 0 if prompts is None else prompts.shape[1]
         if self.is_encoder_decoder:
-            emb, mask = self._encoder_inputs(prompts, [self._tokenize(i, s, "", n).source
+            emb, mask = self._encoder_inputs(prompts, [self._tokenize(i, s, [], n)[0].source
                                                        for i, s in enumerate(sources)])
             out = self.model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
@@ -213,34 +217,39 @@ class Backbone:
                 f"prompts must have shape [batch={batch}, n, d={self.hidden_size}], got {tuple(prompts.shape)}"
             )
 
-    def _tokenize(self, prompt_row: int, source: str, target: str, n_prompt: int,
-                  reserve: int = 0) -> _Row:
-        """Token ids of one row; the source is cut from the left when the row exceeds the context.
+    def _tokenize(self, prompt_row: int, source: str, targets: Sequence[str], n_prompt: int,
+                  reserve: int = 0) -> list[_Row]:
+        """Token ids of one source and each of its targets (one _Row per target, all sharing the source).
 
-        `reserve` keeps room for tokens generated later."""
+        The source is cut from the left, once, so that the prompt, the source and the longest target fit
+        the context; `reserve` keeps room for tokens generated later."""
         tok = self.tokenizer
         src = tok(source, add_special_tokens=True).input_ids
+        if n_prompt + len(src) == 0:
+            if self._bos is None:
+                raise ValueError(f"row {prompt_row} has an empty input and no prompt: nothing to condition on")
+            src = [self._bos]
         if self.is_encoder_decoder:
-            tgt = tok(target.strip(), add_special_tokens=True).input_ids if target else []
-            budget_src, tgt = self.max_length - n_prompt, tgt[: self.max_length]
+            tgts = [tok(t.strip(), add_special_tokens=True).input_ids[: self.max_length] for t in targets]
+            budget_src = self.max_length - n_prompt
         else:
-            tgt = tok(target, add_special_tokens=False).input_ids if target else []
-            if target and self._eos is not None:
-                tgt = [*tgt, self._eos]
-            tgt = tgt[: max(self.max_length - n_prompt - reserve - 1, 1)]
-            budget_src = self.max_length - n_prompt - reserve - len(tgt)
+            cap = max(self.max_length - n_prompt - reserve - 1, 1)
+            tgts = [[*tok(t, add_special_tokens=False).input_ids, *([self._eos] if self._eos is not None else [])][:cap]
+                    for t in targets]
+            budget_src = self.max_length - n_prompt - reserve - max((len(t) for t in tgts), default=0)
         if budget_src < 1:
-            raise ValueError(f"a soft prompt of {n_prompt} tokens leaves no room in a context of "
-                             f"{self.max_length} tokens")
+            raise ValueError(
+                f"no room for the input of row {prompt_row}: context {self.max_length} tokens, prompt {n_prompt}, "
+                f"answer {self.max_length - n_prompt - budget_src} (generated tokens reserved: {reserve})")
         if len(src) > budget_src:
-            keep_bos = bool(src) and src[0] == self._bos and budget_src > 1
+            keep_bos = src[0] == self._bos and budget_src > 1
             src = ([src[0]] if keep_bos else []) + src[len(src) - budget_src + int(keep_bos):]
             self.truncated_inputs += 1
             message = (f"input of row {prompt_row} is longer than the model's context ({self.max_length} "
                        f"tokens with a {n_prompt}-token prompt); cut from the left to {budget_src} tokens")
             log.warning(message)
             warnings.warn(InputTruncatedWarning(message), stacklevel=3)
-        return _Row(prompt_row, src, tgt)
+        return [_Row(prompt_row, src, tgt) for tgt in tgts] or [_Row(prompt_row, src, [])]
 
     def _chunks(self, order: list[int], rows: list[_Row], n_prompt: int) -> list[list[int]]:
         """Group row indices (sorted by length) into batches whose padded size fits the token budget."""
@@ -265,22 +274,27 @@ class Backbone:
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(rows):
             groups.setdefault(r.prompt_row, []).append(k)
-        # All options of a row share the shortest (most truncated) source, which fits the longest option.
-        prefix = {i: min((rows[k].source for k in ks), key=len) for i, ks in groups.items()}
+        prefix = {i: rows[ks[0]].source for i, ks in groups.items()}  # one source per row, fitted to its longest option
         order = sorted(groups, key=lambda i: len(prefix[i]))
         chunk: list[int] = []
-        for i in [*order, None]:
-            if i is not None:
-                width = n + len(prefix[i])
-                opt_width = max(len(rows[k].target) for k in groups[i])
-                n_opts = sum(len(groups[j]) for j in chunk) + len(groups[i])
-                fits = (len(chunk) + 1) * width <= self.max_batch_tokens and n_opts * opt_width <= self.max_batch_tokens
-                if not chunk or fits:
-                    chunk.append(i)
-                    continue
-            self._score_prefix_chunk(prompts, chunk, {j: prefix[j] for j in chunk},
-                                     {j: [(k, rows[k].target) for k in groups[j]] for j in chunk}, n, sums)
-            chunk = [i] if i is not None else []
+        max_prefix = max_option = n_options = 0
+        for i in order:
+            width = n + len(prefix[i])
+            option_width = max(len(rows[k].target) for k in groups[i])
+            grown = (max(max_prefix, width), max(max_option, option_width), n_options + len(groups[i]))
+            # the prefix pass holds rows x prefix tokens; the option pass holds, per option, a copy of its
+            # row's cached prefix plus the option's own tokens
+            fits = ((len(chunk) + 1) * grown[0] <= self.max_batch_tokens
+                    and grown[2] * (grown[0] + grown[1]) <= self.max_batch_tokens)
+            if chunk and not fits:
+                self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
+                                                                   for j in chunk}, n, sums)
+                chunk, grown = [], (width, option_width, len(groups[i]))
+            chunk.append(i)
+            max_prefix, max_option, n_options = grown
+        if chunk:
+            self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
+                                                               for j in chunk}, n, sums)
 
     def _score_prefix_chunk(self, prompts: Tensor | None, chunk: list[int], prefix: dict[int, list[int]],
                             targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor) -> None:
@@ -409,7 +423,7 @@ class Backbone:
         # Layout per row (left padding): [pad...] [prompt] [source]; positions count real tokens only, so
         # a row's tokens get the same positions as when it runs alone.
         n = 0 if prompts is None else prompts.shape[1]
-        rows = [self._tokenize(i, s, "", n, reserve=max_new_tokens) for i, s in enumerate(sources)]
+        rows = [self._tokenize(i, s, [], n, reserve=max_new_tokens)[0] for i, s in enumerate(sources)]
         ids, tok_mask = self._pad([r.source for r in rows], left=True)
         tok_emb = self.model.get_input_embeddings()(ids)
         if prompts is None:

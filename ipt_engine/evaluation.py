@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.errors import InvalidTaskError
 from ipt_engine.metrics import compute_metric
 from ipt_engine.tasks import Example, Task
 
@@ -56,6 +57,9 @@ def predict(backbone: Backbone, tasks: Sequence[Task], examples: Sequence[Sequen
             for t, i in option_rows:
                 ex = examples[t][i]
                 opts = tasks[t].options_for(ex) or ()
+                if len(opts) < 2:
+                    raise InvalidTaskError(f"{tasks[t].kind} task {tasks[t].name!r}: input {ex.input!r:.60} has "
+                                           f"{len(opts)} answer option(s); give at least 2")
                 sources.append(tasks[t].text_pair(ex).source)
                 options.append(opts)
             formatted = [[" " + o.strip() for o in opts] for opts in options]

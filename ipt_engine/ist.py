@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.prompt_tuning import task_generators
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
 from ipt_engine.training import PromptParameters, TaskTrainResult, TrainConfig, train_prompts
@@ -53,17 +54,22 @@ class IntrinsicVectors(PromptParameters):
 
 
 def initial_vectors(num_tasks: int, d_intrinsic: int, init: ZInit | str = ZInit.ZEROS, *,
-                    known_vectors: Tensor | None = None, init_std: float = 0.01, seed: int = 0) -> Tensor:
-    """Starting z for each task: [num_tasks, d_I]."""
+                    known_vectors: Tensor | None = None, init_std: float = 0.01, seed: int = 0,
+                    task_names: Sequence[str] | None = None) -> Tensor:
+    """Starting z for each task: [num_tasks, d_I]. With `task_names`, 'normal' draws each task's z from
+    its own stream seeded by (seed, name), so batching tasks does not change where they start."""
     init = ZInit(init)
     if init is ZInit.ZEROS:
         return torch.zeros(num_tasks, d_intrinsic)
     if init is ZInit.NORMAL:
-        return torch.randn(num_tasks, d_intrinsic, generator=torch.Generator().manual_seed(seed)) * init_std
+        if task_names is None:
+            return torch.randn(num_tasks, d_intrinsic, generator=torch.Generator().manual_seed(seed)) * init_std
+        rows = [torch.randn(d_intrinsic, generator=g) for g in task_generators(seed, task_names)]
+        return torch.stack(rows) * init_std
     if known_vectors is None or known_vectors.numel() == 0:
         raise ValueError("z init 'mean' needs known task vectors (e.g. the z of the subspace's train tasks)")
-    if known_vectors.shape[-1] != d_intrinsic:
-        raise ValueError(f"known vectors have d_I={known_vectors.shape[-1]}, the subspace has {d_intrinsic}")
+    if known_vectors.dim() != 2 or known_vectors.shape[-1] != d_intrinsic:
+        raise ValueError(f"known vectors must be [num_known, d_I={d_intrinsic}], got {tuple(known_vectors.shape)}")
     return known_vectors.float().mean(0, keepdim=True).cpu().repeat(num_tasks, 1)
 
 
@@ -85,17 +91,21 @@ def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: P
     """IST of every task in one batched run. Returns one ISTResult per task, in order."""
     d_i = proj_b.config.d_intrinsic
     if initial_z is None:
-        initial_z = initial_vectors(len(tasks), d_i, init, known_vectors=known_vectors, seed=config.seed)
+        initial_z = initial_vectors(len(tasks), d_i, init, known_vectors=known_vectors, seed=config.seed,
+                                    task_names=[t.name for t in tasks])
     elif tuple(initial_z.shape) != (len(tasks), d_i):
         raise ValueError(f"initial_z must be [{len(tasks)}, {d_i}], got {tuple(initial_z.shape)}")
-    proj_b = proj_b.to(backbone.device).eval()
+    # Proj_b is borrowed: its device, mode and requires_grad flags are put back afterwards.
+    home = next(proj_b.parameters()).device
+    was_training = proj_b.training
     was_trainable = [p.requires_grad for p in proj_b.parameters()]
-    params = IntrinsicVectors(proj_b, initial_z).to(backbone.device)
+    params = IntrinsicVectors(proj_b.to(backbone.device).eval(), initial_z).to(backbone.device)
     try:
         result = train_prompts(backbone, tasks, params, config, description="IST")
     finally:
         for p, flag in zip(proj_b.parameters(), was_trainable, strict=True):
             p.requires_grad_(flag)
+        proj_b.to(home).train(was_training)
     z = params.z_table.detach().cpu()
     return [_ist_result(r, z[i], result.wall_seconds) for i, r in enumerate(result.tasks)]
 

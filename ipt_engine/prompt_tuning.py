@@ -7,6 +7,7 @@ intrinsic vector (the paper's Table 4: much lower variance across seeds than PT)
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,12 +24,26 @@ VOCAB_SAMPLE_TOP = 5000
 frequency, so these are common tokens), as Lester et al. sample from the 5,000 most common tokens."""
 
 
-def sample_vocab_prompts(embeddings: Tensor, num_tasks: int, n_prompt: int, seed: int = 0) -> Tensor:
-    """Initial soft prompts from sampled token embeddings: [num_tasks, n_prompt, d] (fp32)."""
-    gen = torch.Generator().manual_seed(seed)
+def sample_vocab_prompts(embeddings: Tensor, num_tasks: int, n_prompt: int, seed: int = 0,
+                         task_names: Sequence[str] | None = None) -> Tensor:
+    """Initial soft prompts from sampled token embeddings: [num_tasks, n_prompt, d] (fp32).
+
+    With `task_names`, each task draws from its own stream seeded by (seed, name), so a task starts from
+    the same prompt whether it trains alone or in a batch with others."""
     top = min(VOCAB_SAMPLE_TOP, embeddings.shape[0])
-    ids = torch.randint(0, top, (num_tasks, n_prompt), generator=gen)
+    gens = task_generators(seed, task_names) if task_names is not None else [torch.Generator().manual_seed(seed)]
+    if task_names is not None and len(task_names) != num_tasks:
+        raise ValueError(f"{num_tasks} tasks but {len(task_names)} names")
+    if len(gens) == 1:
+        ids = torch.randint(0, top, (num_tasks, n_prompt), generator=gens[0])
+    else:
+        ids = torch.stack([torch.randint(0, top, (n_prompt,), generator=g) for g in gens])
     return embeddings.detach().float().cpu()[ids].to(embeddings.device)
+
+
+def task_generators(seed: int, task_names: Sequence[str]) -> list[torch.Generator]:
+    """One torch generator per task, seeded from (seed, task name)."""
+    return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode())) for name in task_names]
 
 
 class SoftPrompts(PromptParameters):
@@ -62,7 +77,8 @@ def prompt_tune(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig, 
 
     initial_prompts: [num_tasks, n, d] to start from (e.g. Proj_b(z)); default sampled vocabulary embeddings."""
     if initial_prompts is None:
-        initial_prompts = sample_vocab_prompts(backbone.input_embeddings, len(tasks), n_prompt, config.seed)
+        initial_prompts = sample_vocab_prompts(backbone.input_embeddings, len(tasks), n_prompt, config.seed,
+                                               task_names=[t.name for t in tasks])
     elif initial_prompts.shape[0] != len(tasks):
         raise ValueError(f"{len(tasks)} tasks but {initial_prompts.shape[0]} initial prompts")
     params = SoftPrompts(initial_prompts).to(backbone.device)
@@ -74,5 +90,5 @@ def ipt_initialised_prompt_tune(backbone: Backbone, tasks: Sequence[Task], proj_
                                 config: TrainConfig) -> PromptTuningResult:
     """PT starting from Proj_b(z) for each task. z: [num_tasks, d_I]."""
     with torch.no_grad():
-        initial = proj_b.to(z.device)(z.float()).detach()
+        initial = proj_b(z.float().to(next(proj_b.parameters()).device)).detach()
     return prompt_tune(backbone, tasks, config, initial_prompts=initial)

@@ -100,11 +100,19 @@ def read_metadata(path: str | Path) -> ArtifactMetadata:
     meta_path = Path(path) / METADATA_FILE
     if not meta_path.is_file():
         raise IncompatibleArtifactError(f"{path} is not a subspace artifact: {METADATA_FILE} is missing")
-    data = json.loads(meta_path.read_text(encoding="utf-8"))
-    if data.get("format_version") != FORMAT_VERSION:
-        raise IncompatibleArtifactError(
-            f"{path} has artifact format {data.get('format_version')}, this library reads {FORMAT_VERSION}")
-    return ArtifactMetadata(**data)
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IncompatibleArtifactError(f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise IncompatibleArtifactError(f"{path} has artifact format {version}, this library reads {FORMAT_VERSION}")
+    try:
+        meta = ArtifactMetadata(**data)
+        meta.subspace_config  # noqa: B018 - validates the shape fields
+    except (TypeError, ValueError) as exc:
+        raise IncompatibleArtifactError(f"{meta_path} has invalid metadata: {exc}") from None
+    return meta
 
 
 def check_compatible(meta: ArtifactMetadata, backbone_id: str, embeddings: Tensor) -> None:
@@ -128,9 +136,18 @@ def load_artifact(path: str | Path, *, backbone_id: str | None = None, embedding
     meta = read_metadata(path)
     if embeddings is not None:
         check_compatible(meta, backbone_id or "<unnamed>", embeddings)
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise IncompatibleArtifactError(f"{path} has metadata but no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise IncompatibleArtifactError(f"{weights} cannot be read: {exc}") from None
     config = meta.subspace_config
     has_proj = any(k.startswith("proj.") for k in state)
     subspace = IntrinsicSubspace(SubspaceConfig(**{**config.to_dict(), "with_proj": config.with_proj and has_proj}))
-    subspace.load_state_dict({k: v.float() for k, v in state.items()})
+    try:
+        subspace.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise IncompatibleArtifactError(f"{weights} does not match its metadata {config}: {exc}") from None
     return SubspaceArtifact(subspace.to(device).eval(), meta)

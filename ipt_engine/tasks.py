@@ -65,6 +65,11 @@ class Example:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Example:
+        if not isinstance(data, dict):
+            raise InvalidTaskError(f"an example must be an object with 'input' and 'output', got {data!r:.80}")
+        options = data.get("options")
+        if options is not None and not isinstance(options, list | tuple):
+            raise InvalidTaskError(f"example 'options' must be a list of strings, got {options!r:.80}")
         try:
             options = data.get("options")
             return cls(
@@ -199,13 +204,21 @@ class Task:
         default to the distinct outputs of its examples."""
         if not isinstance(data, dict) or "name" not in data:
             raise InvalidTaskError("a task needs at least the fields 'name' and 'train'")
+        for split in ("train", "dev", "test"):
+            if not isinstance(data.get(split) or [], list):
+                raise InvalidTaskError(f"task {data['name']!r}: '{split}' must be a list of examples")
         splits = {s: [Example.from_dict(e) for e in data.get(s) or []] for s in ("train", "dev", "test")}
-        kind = TaskKind(data["kind"]) if data.get("kind") else infer_kind(splits["train"])
+        try:
+            kind = TaskKind(data["kind"]) if data.get("kind") else infer_kind(splits["train"])
+            metric = MetricName(data["metric"]) if data.get("metric") else None
+        except ValueError as exc:
+            raise InvalidTaskError(f"task {data['name']!r}: {exc}; kinds: {[k.value for k in TaskKind]}, "
+                                   f"metrics: {[m.value for m in MetricName]}") from None
         labels = data.get("labels")
         if kind is TaskKind.CLASSIFICATION and not labels:
             labels = sorted({e.output for split in splits.values() for e in split})
-        return cls(data["name"], kind, splits["train"], splits["dev"], splits["test"],
-                   tuple(labels) if labels else None, data.get("metric"))
+        return cls(str(data["name"]), kind, splits["train"], splits["dev"], splits["test"],
+                   tuple(str(label) for label in labels) if labels else None, metric)
 
 
 def infer_kind(examples: Sequence[Example], max_labels: int = 20) -> TaskKind:
@@ -241,7 +254,7 @@ def split_off(examples: Sequence[Example], fraction: float, seed: int,
     for key in sorted(groups):
         group = list(groups[key])
         rng.shuffle(group)
-        k = round(len(group) * fraction) if len(group) > 1 else 0
+        k = min(round(len(group) * fraction), len(group) - 1)  # every group keeps at least one
         taken += group[:k]
         kept += group[k:]
     if not taken:  # every group was a singleton: take one example overall

@@ -57,6 +57,10 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "eval_every", "patience", "max_rows_per_forward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.tasks_per_step is not None and self.tasks_per_step < 1:
             raise ValueError(f"tasks_per_step must be >= 1, got {self.tasks_per_step}")
 
@@ -90,6 +94,7 @@ class TaskTrainResult:
     best_step: int  # step of the kept parameters (0: the initial ones)
     steps: int  # steps this task trained
     stopped_early: bool
+    error: str | None = None  # why training of this task stopped abnormally (e.g. a NaN loss)
 
 
 @dataclass
@@ -140,9 +145,13 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
                   config: TrainConfig, description: str = "train") -> TrainResult:
     """Train `params` on `tasks` (multi-task batches), keep the best-dev parameters and return per-task results.
 
-    Raises NonFiniteLossError as soon as the loss is NaN or infinite (the parameters then hold the best
-    values seen before that step)."""
+    A NaN or infinite loss stops training. In per-task mode only the tasks whose rows produced it stop
+    (their result carries the error; the others go on); when every task has failed, and always in shared
+    mode, NonFiniteLossError is raised. Parameters always end at the best dev values seen."""
     check_trainable(tasks)
+    if params.per_task and config.tasks_per_step is not None:
+        raise ValueError("tasks_per_step applies to shared parameters (MSF) only: per-task methods train every "
+                         "active task at every step, so that batching tasks never changes their updates")
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     num = len(tasks)
@@ -150,45 +159,18 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
     rng = random.Random(config.seed + 1)
     optimizer = torch.optim.AdamW([p for p in params.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    best_score = [-math.inf] * num
-    best_step = [0] * num
-    trained_steps = [0] * num
-    bad_evals = [0] * num
-    active = list(range(num))
-    best_shared: dict[str, Tensor] | None = None
-    best_rows: list[Tensor | None] = [None] * num
+    state = _SelectionState(num)
     history: list[dict[str, float]] = []
 
     def run_eval(step: int, loss: float) -> None:
-        nonlocal active, best_shared
-        idx = active if params.per_task else list(range(num))
+        idx = state.active if params.per_task else list(range(num))
         with torch.no_grad():
             prompts = params.prompts(torch.tensor(idx, device=backbone.device))
         scores = evaluate(backbone, [tasks[i] for i in idx], prompts, "dev", max_new_tokens=config.max_new_tokens)
         history.append({"step": step, "loss": loss, "dev": sum(scores) / len(scores)})
         log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
                  history[-1]["dev"], len(idx))
-        if params.per_task:
-            table = params.task_table
-            assert table is not None
-            for i, s in zip(idx, scores, strict=True):
-                if s > best_score[i]:
-                    best_score[i], best_step[i], bad_evals[i] = s, step, 0
-                    best_rows[i] = table.detach()[i].clone()
-                else:
-                    bad_evals[i] += 1
-            active = [i for i in active if bad_evals[i] < config.patience]
-        else:
-            mean = sum(scores) / len(scores)
-            if mean > best_score[0]:
-                best_score[:] = scores
-                best_step[:] = [step] * num
-                best_shared = {k: v.detach().clone() for k, v in params.state_dict().items()}
-                bad_evals[:] = [0] * num
-            else:
-                bad_evals[:] = [b + 1 for b in bad_evals]
-                if bad_evals[0] >= config.patience:
-                    active = []
+        state.update(params, idx, scores, step, config.patience)
 
     if config.eval_at_start:
         run_eval(0, float("nan"))
@@ -197,25 +179,28 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
     last_loss = float("nan")
     try:
         for step in range(1, config.max_steps + 1):
-            if not active:
+            if not state.active:
                 step -= 1
                 break
-            batch_tasks = _tasks_for_step(active, params.per_task, config, rng)
-            last_loss = _train_step(backbone, params, optimizer, sampler, batch_tasks, config, step, tasks)
+            batch_tasks = _tasks_for_step(state.active, config, rng)
+            last_loss, failed = _train_step(backbone, params, optimizer, sampler, batch_tasks, config, step, tasks)
             for i in batch_tasks:
-                trained_steps[i] += 1
+                state.trained_steps[i] += 1
+            for i, message in failed.items():
+                state.fail(i, message)
+                log.warning("%s: task %r stopped: %s", description, tasks[i].name, message)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}", active=len(active))
-            if step % config.eval_every == 0 or step == config.max_steps:
+            bar.set_postfix(loss=f"{last_loss:.3f}", active=len(state.active))
+            if state.active and (step % config.eval_every == 0 or step == config.max_steps):
                 run_eval(step, last_loss)
     finally:
         bar.close()
-        _restore_best(params, best_rows, best_shared)
-    if not config.eval_at_start and not history:
-        run_eval(step, last_loss)
+        state.restore(params)
+    if all(e is not None for e in state.errors):
+        raise NonFiniteLossError(str(state.errors[0]))
     results = [
-        TaskTrainResult(t.name, best_score[i], best_step[i], trained_steps[i],
-                        stopped_early=bad_evals[i] >= config.patience)
+        TaskTrainResult(t.name, state.best_score[i], state.best_step[i], state.trained_steps[i],
+                        stopped_early=state.bad_evals[i] >= config.patience, error=state.errors[i])
         for i, t in enumerate(tasks)
     ]
     wall = time.perf_counter() - start
@@ -224,7 +209,62 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
     return TrainResult(results, wall, step, history)
 
 
-def _tasks_for_step(active: list[int], per_task: bool, config: TrainConfig, rng: random.Random) -> list[int]:
+class _SelectionState:
+    """Best-dev bookkeeping: per task (own best row, patience and stop) or shared (best mean over tasks)."""
+
+    def __init__(self, num: int) -> None:
+        self.best_score = [-math.inf] * num
+        self.best_mean = -math.inf
+        self.best_step = [0] * num
+        self.trained_steps = [0] * num
+        self.bad_evals = [0] * num
+        self.errors: list[str | None] = [None] * num
+        self.active = list(range(num))
+        self.best_rows: list[Tensor | None] = [None] * num
+        self.best_shared: dict[str, Tensor] | None = None
+
+    def update(self, params: PromptParameters, idx: list[int], scores: list[float], step: int,
+               patience: int) -> None:
+        if params.per_task:
+            table = params.task_table
+            assert table is not None, "per-task parameters must expose task_table"
+            for i, score in zip(idx, scores, strict=True):
+                if score > self.best_score[i]:
+                    self.best_score[i], self.best_step[i], self.bad_evals[i] = score, step, 0
+                    self.best_rows[i] = table.detach()[i].clone()
+                else:
+                    self.bad_evals[i] += 1
+            self.active = [i for i in self.active if self.bad_evals[i] < patience]
+            return
+        mean = sum(scores) / len(scores)
+        if mean > self.best_mean:
+            self.best_mean = mean
+            self.best_score[:] = scores
+            self.best_step[:] = [step] * len(scores)
+            self.best_shared = {k: v.detach().clone() for k, v in params.state_dict().items()}
+            self.bad_evals[:] = [0] * len(scores)
+        else:
+            self.bad_evals[:] = [b + 1 for b in self.bad_evals]
+            if self.bad_evals[0] >= patience:
+                self.active = []
+
+    def fail(self, task: int, message: str) -> None:
+        self.errors[task] = message
+        self.active = [i for i in self.active if i != task]
+
+    @torch.no_grad()
+    def restore(self, params: PromptParameters) -> None:
+        """Put the best dev parameters back (rows never evaluated keep their current values)."""
+        if params.per_task:
+            table = params.task_table
+            for i, row in enumerate(self.best_rows):
+                if row is not None and table is not None:
+                    table[i].copy_(row)
+        elif self.best_shared is not None:
+            params.load_state_dict(self.best_shared)
+
+
+def _tasks_for_step(active: list[int], config: TrainConfig, rng: random.Random) -> list[int]:
     k = config.tasks_per_step
     if k is None or k >= len(active):
         return list(active)
@@ -233,40 +273,53 @@ def _tasks_for_step(active: list[int], per_task: bool, config: TrainConfig, rng:
 
 def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.optim.Optimizer,
                 sampler: _RowSampler, batch_tasks: list[int], config: TrainConfig, step: int,
-                tasks: Sequence[Task]) -> float:
+                tasks: Sequence[Task]) -> tuple[float, dict[int, str]]:
+    """One optimizer step. Returns (the loss, {task index: error} for tasks whose loss was not finite)."""
     rows: list[tuple[int, TextPair]] = [(t, p) for t in batch_tasks for p in sampler.take(t, config.batch_size)]
     # Per-task mode: each row weighs 1/batch_size, so each task's gradient equals its single-task gradient.
     # Shared mode: the mean over all rows.
     weight = 1.0 / config.batch_size if params.per_task else 1.0 / len(rows)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
+    failed: dict[int, str] = {}
     for start in range(0, len(rows), config.max_rows_per_forward):
         chunk = rows[start:start + config.max_rows_per_forward]
         index = torch.tensor([t for t, _ in chunk], device=backbone.device)
         prompts = params.prompts(index)
         ll, count = backbone.target_log_likelihood(prompts, [p.source for _, p in chunk],
                                                    [p.target for _, p in chunk])
-        loss = (-(ll / count.clamp(min=1))).sum() * weight
-        _check_finite(loss, step, [tasks[t].name for t, _ in chunk])
+        row_loss = -(ll / count.clamp(min=1))
+        bad = ~torch.isfinite(row_loss.detach())
+        if bool(bad.any()):
+            bad_tasks = sorted({chunk[r][0] for r in bad.nonzero().flatten().tolist()})
+            message = _non_finite_message(float(row_loss.detach()[bad][0]), step,
+                                          [tasks[t].name for t in bad_tasks])
+            if not params.per_task:
+                raise NonFiniteLossError(message)
+            failed.update(dict.fromkeys(bad_tasks, message))
+            row_loss = row_loss.masked_fill(bad, 0.0)  # the other tasks' rows still train
+        loss = row_loss.sum() * weight
         loss.backward()
         total += float(loss.detach())
     aux = params.auxiliary_loss(torch.tensor(batch_tasks, device=backbone.device))
     if aux is not None:
-        _check_finite(aux, step, [tasks[t].name for t in batch_tasks])
+        if not torch.isfinite(aux.detach()):
+            raise NonFiniteLossError(_non_finite_message(float(aux.detach()), step,
+                                                         [tasks[t].name for t in batch_tasks]))
         aux.backward()
         total += float(aux.detach())
+    table = params.task_table
+    if failed and table is not None and table.grad is not None:
+        table.grad[list(failed)] = 0.0  # a failed task's row must not move (nor poison its optimizer state)
     _clip(params, config.max_grad_norm)
     optimizer.step()
-    return total / len(batch_tasks) if params.per_task else total
+    return (total / len(batch_tasks) if params.per_task else total), failed
 
 
-def _check_finite(loss: Tensor, step: int, task_names: list[str]) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss became {float(loss.detach())} at step {step} (tasks {sorted(set(task_names))}); training "
-            f"stopped and the best parameters so far were kept. Lower the learning rate, or check the examples "
-            f"and the backbone dtype"
-        )
+def _non_finite_message(value: float, step: int, task_names: list[str]) -> str:
+    return (f"loss became {value} at step {step} (tasks {task_names}); training of these tasks stopped and "
+            f"their best parameters so far were kept. Lower the learning rate, or check the examples and the "
+            f"backbone dtype")
 
 
 def _clip(params: PromptParameters, max_norm: float | None) -> None:
@@ -280,17 +333,3 @@ def _clip(params: PromptParameters, max_norm: float | None) -> None:
         grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))))
     else:
         torch.nn.utils.clip_grad_norm_([p for p in params.parameters() if p.grad is not None], max_norm)
-
-
-@torch.no_grad()
-def _restore_best(params: PromptParameters, best_rows: list[Tensor | None],
-                  best_shared: dict[str, Tensor] | None) -> None:
-    if params.per_task:
-        table = params.task_table
-        if table is None:
-            return
-        for i, row in enumerate(best_rows):
-            if row is not None:
-                table[i].copy_(row)
-    elif best_shared is not None:
-        params.load_state_dict(best_shared)

@@ -117,7 +117,7 @@ def test_long_input_is_cut_from_the_left_with_a_warning(tiny_causal: Backbone) -
     assert torch.isfinite(ll).all()
     assert tiny_causal.truncated_inputs == before + 1
     with pytest.warns(InputTruncatedWarning):
-        row = tiny_causal._tokenize(0, long_source, " positive", n_prompt=4)
+        (row,) = tiny_causal._tokenize(0, long_source, [" positive"], n_prompt=4)
     assert 4 + row.length <= tiny_causal.max_length
     assert tiny_causal.tokenizer.decode(row.source).endswith("END\nAnswer:")  # the end survives
 
@@ -157,3 +157,33 @@ def test_option_scores_equal_the_full_sequence_log_likelihood(tiny_backbone: Bac
                                                         [SOURCES_B[i]] * len(opts), opts)
         torch.testing.assert_close(scored[i].log_likelihoods, ll.detach(), atol=1e-4, rtol=0)
         assert torch.equal(scored[i].num_tokens, count)
+
+
+def test_long_input_is_cut_once_per_row_when_scoring_options(tiny_causal: Backbone) -> None:
+    before = tiny_causal.truncated_inputs
+    with pytest.warns(InputTruncatedWarning) as record:
+        tiny_causal.score_options(None, ["word " * 400 + "END\nAnswer:"], [[" a", " b", " c d e f"]])
+    assert tiny_causal.truncated_inputs == before + 1 and len(record) == 1
+
+
+def test_rows_without_options_or_input_are_rejected(tiny_causal: Backbone) -> None:
+    with pytest.raises(ValueError, match=r"rows \[1\] have no answer options"):
+        tiny_causal.score_options(None, SOURCES_A, [[" a", " b"], []])
+    assert tiny_causal.score_options(None, [], []) == []
+    # an empty input with no prompt is conditioned on BOS rather than scored from a padding position
+    ll, count = tiny_causal.target_log_likelihood(None, [""], [" positive"])
+    assert torch.isfinite(ll).all() and int(count[0]) > 0
+
+
+def test_a_small_token_budget_gives_the_same_scores(tiny_causal: Backbone) -> None:
+    prompts = _prompts(tiny_causal, 3, seed=5)
+    full = tiny_causal.score_options(prompts, SOURCES_B, OPTIONS_B)
+    budget = tiny_causal.max_batch_tokens
+    try:
+        for small in (1, 20, 60):
+            tiny_causal.max_batch_tokens = small
+            chunked = tiny_causal.score_options(prompts, SOURCES_B, OPTIONS_B)
+            for a, b in zip(full, chunked, strict=True):
+                torch.testing.assert_close(a.log_likelihoods, b.log_likelihoods, atol=1e-4, rtol=0)
+    finally:
+        tiny_causal.max_batch_tokens = budget

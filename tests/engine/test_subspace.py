@@ -104,3 +104,17 @@ def test_fingerprint_tolerates_dtype_but_not_other_weights(tiny_causal: Backbone
 def test_missing_artifact_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(IncompatibleArtifactError, match="not a subspace artifact"):
         load_artifact(tmp_path)
+
+
+def test_corrupt_artifacts_are_clear_errors(tmp_path: Path, tiny_causal: Backbone) -> None:
+    sub = IntrinsicSubspace(SubspaceConfig(5, tiny_causal.hidden_size, 4, 16))
+    save_artifact(tmp_path, sub, "m", tiny_causal.input_embeddings)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(IncompatibleArtifactError, match="cannot be read"):
+        load_artifact(tmp_path)
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(IncompatibleArtifactError, match=r"no subspace\.safetensors"):
+        load_artifact(tmp_path)
+    (tmp_path / METADATA_FILE).write_text("{not json")
+    with pytest.raises(IncompatibleArtifactError, match="not valid JSON"):
+        load_artifact(tmp_path)

@@ -105,3 +105,20 @@ def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     path.write_text('{"name": "x", "train": [{"input": "a"}]}\n')
     with pytest.raises(InvalidTaskError, match="missing the field 'output'"):
         load_tasks(path)
+
+
+def test_malformed_task_dicts_raise_invalid_task_error() -> None:
+    with pytest.raises(InvalidTaskError, match="must be an object"):
+        Task.from_dict({"name": "x", "train": ["oops", "again"]})
+    with pytest.raises(InvalidTaskError, match="kinds:"):
+        Task.from_dict({"name": "x", "kind": "regression", "train": []})
+    with pytest.raises(InvalidTaskError, match="metrics:"):
+        Task.from_dict({"name": "x", "metric": "perplexity", "train": []})
+    with pytest.raises(InvalidTaskError, match="must be a list"):
+        Task.from_dict({"name": "x", "train": "abc"})
+
+
+def test_split_off_never_empties_a_class() -> None:
+    exs = [Example("a1", "a"), Example("a2", "a"), Example("b1", "b"), Example("b2", "b"), Example("b3", "b")]
+    kept, dev = split_off(exs, 0.75, seed=0, by_output=True)
+    assert {e.output for e in kept} == {"a", "b"} and dev

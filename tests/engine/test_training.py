@@ -153,3 +153,50 @@ def test_ipt_initialised_pt_starts_from_proj_b_of_z(tiny_causal: Backbone) -> No
     result = ipt_initialised_prompt_tune(tiny_causal, [make_task()], sub.proj_b, z, config)
     with torch.no_grad():
         torch.testing.assert_close(result.prompts, sub.proj_b(z), atol=1e-5, rtol=0)
+
+
+def test_one_tasks_nan_loss_stops_only_that_task(tiny_causal: Backbone) -> None:
+    good, bad = make_task("good"), make_task("bad")
+    init = sample_vocab_prompts(tiny_causal.input_embeddings, 2, 2, seed=0)
+    init[1] = float("nan")
+    result = prompt_tune(tiny_causal, [good, bad], TrainConfig(learning_rate=0.05, max_steps=4, batch_size=2,
+                                                               eval_every=2, patience=5), initial_prompts=init)
+    ok, failed = result.train.tasks
+    assert ok.error is None and ok.steps == 4 and torch.isfinite(result.prompts[0]).all()
+    assert failed.error is not None and "['bad']" in failed.error and failed.steps == 1
+
+
+def test_batched_pt_equals_one_task_at_a_time(tiny_causal: Backbone) -> None:
+    tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE)]
+    config = TrainConfig(learning_rate=0.1, max_steps=4, batch_size=2, eval_every=2, patience=5)
+    together = prompt_tune(tiny_causal, tasks, config, n_prompt=3)
+    for i, task in enumerate(tasks):
+        alone = prompt_tune(tiny_causal, [task], config, n_prompt=3)
+        torch.testing.assert_close(together.prompts[i], alone.prompts[0], atol=1e-4, rtol=0)
+
+
+def test_shared_selection_keeps_the_best_mean() -> None:
+    from ipt_engine.msf import JointVectors
+    from ipt_engine.training import _SelectionState
+
+    params = JointVectors(IntrinsicSubspace(SubspaceConfig(2, 4, 2, 4, with_proj=False)), 2, 0.1, 0)
+    state = _SelectionState(2)
+    state.update(params, [0, 1], [0.3, 0.9], step=1, patience=3)
+    kept = params.z_table.detach().clone()
+    with torch.no_grad():
+        params.z_table.add_(1.0)
+    state.update(params, [0, 1], [0.2, 0.5], step=2, patience=3)  # task 0 is above 0.3 is not what counts
+    assert state.best_mean == pytest.approx(0.6) and state.best_step == [1, 1] and state.bad_evals == [1, 1]
+    state.restore(params)
+    assert torch.equal(params.z_table.detach(), kept)
+
+
+def test_bad_training_settings_are_rejected(tiny_causal: Backbone) -> None:
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=-0.1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="tasks_per_step applies to shared"):
+        prompt_tune(tiny_causal, [make_task()], TrainConfig(tasks_per_step=1))
