@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.cli_data import data_app
 from ipt_engine.errors import IPTError
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ZInit, intrinsic_subspace_tune
 from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
@@ -27,6 +28,7 @@ from ipt_engine.training import TrainConfig, TrainResult
 
 app = typer.Typer(help="Intrinsic Prompt Tuning: PT, MSF, IST and evaluation on a frozen LM.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 TasksArg = Annotated[Path, typer.Argument(help="JSONL task file, one task per line", exists=True, dir_okay=False)]
