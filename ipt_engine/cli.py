@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.cli_data import data_app
+from ipt_engine.cli_experiment import experiment_app
 from ipt_engine.errors import IPTError
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ZInit, intrinsic_subspace_tune
 from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
@@ -29,6 +30,7 @@ from ipt_engine.training import TrainConfig, TrainResult
 app = typer.Typer(help="Intrinsic Prompt Tuning: PT, MSF, IST and evaluation on a frozen LM.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
+app.add_typer(experiment_app, name="experiment")
 console = Console(stderr=True)
 
 TasksArg = Annotated[Path, typer.Argument(help="JSONL task file, one task per line", exists=True, dir_okay=False)]
@@ -213,6 +215,7 @@ def eval_(tasks: TasksArg,
 def main() -> None:
     """Entry point: runs the app and turns library errors into one clear line and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ipt_engine").setLevel(logging.INFO)
     try:
         app()
     except (IPTError, FileNotFoundError) as exc:

@@ -59,6 +59,6 @@ def load_split(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist; run `ipt data prepare` first")
     split = json.loads(path.read_text())
-    if not isinstance(split, dict) or not isinstance(split.get("train"), list) or not isinstance(split.get("test"), list):
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "test")):
         raise ValueError(f"{path} is not a split file (needs 'train' and 'test' lists)")
     return split

@@ -1,0 +1,48 @@
+"""`ipt experiment`: run the paper's study on the task pool, and report it."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ipt_engine.cli_data import default_pool_dir
+from ipt_engine.experiments.config import load_config
+from ipt_engine.experiments.pipeline import run_experiment
+from ipt_engine.experiments.report import headline_rows, write_report
+
+experiment_app = typer.Typer(help="Reproduce the paper's experiments on the task pool.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@experiment_app.command()
+def run(config: Annotated[str, typer.Argument(help="config name (smoke, paper-small) or YAML path")],
+        run_dir: Annotated[Path | None, typer.Option(help="run directory (default runs/<config name>)")] = None,
+        pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the cache's pool)")] = None,
+        ) -> None:
+    """Run every stage; stages and chunks already in the run directory are reused, so a rerun resumes."""
+    logging.getLogger("ipt_engine").setLevel(logging.INFO)
+    cfg = load_config(config)
+    out = run_dir or Path("runs") / cfg.name
+    pool_dir = pool or (Path(cfg.pool) if cfg.pool else default_pool_dir())
+    summary = run_experiment(cfg, out, pool_dir, command="ipt " + shlex.join(sys.argv[1:]))
+    console.print(f"run complete: {out / 'summary.json'}")
+    for row in headline_rows(summary):
+        if row["e_rel"] is not None:
+            console.print(f"  {row['challenge']:<18} d_I={row['d']:<4} E_rel^PT {100 * row['e_rel']:6.1f}%  "
+                          f"E_abs {100 * row['e_abs']:5.1f}%  ({row['tasks']} tasks)")
+    console.print(f"write the report with: ipt experiment report {out}")
+
+
+@experiment_app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")],
+           out: Annotated[Path | None, typer.Option(help="Markdown file to write (default RUN_DIR/report.md)")] = None,
+           ) -> None:
+    """Write the Markdown report (tables, stability, PCA plot, per-task appendix) from a finished run."""
+    path = write_report(run_dir, out)
+    console.print(f"report written to {path}")

@@ -1,0 +1,88 @@
+"""Experiment configuration: one YAML file names the pool split, the task counts, d_I values and the
+optimisation settings of every stage (see configs/smoke.yaml and configs/paper-small.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ipt_engine.training import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class StageSettings:
+    """Optimisation settings of one stage (a subset of TrainConfig)."""
+
+    learning_rate: float
+    max_steps: int
+    batch_size: int = 8
+    eval_every: int = 20
+    patience: int = 3
+    tasks_per_step: int | None = None
+
+    def train_config(self, seed: int, max_new_tokens: int) -> TrainConfig:
+        return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,
+                           eval_every=self.eval_every, patience=self.patience, tasks_per_step=self.tasks_per_step,
+                           seed=seed, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    split: str = "random"  # a split file of the pool (ipt data prepare writes them)
+    pool: str | None = None  # pool directory (default: the user cache's pool)
+    backbone: str = "smollm2"
+    dtype: str = "float32"
+    max_train_tasks: int | None = None  # cap on the split's train tasks (None: all)
+    max_test_tasks: int | None = None  # cap on the split's held-out tasks
+    prefer_short_inputs: bool = False  # with caps: take the tasks with the shortest inputs (CPU runs)
+    data_seed: int = 0  # few-shot train/dev of the main runs
+    unseen_data_seed: int = 1  # train/dev of the "seen tasks, unseen data" challenge (same test sets)
+    stability_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds, PT vs IPT-init PT
+    k_per_class: int = 16
+    k_other: int = 32
+    max_test: int = 200  # test examples per task
+    max_new_tokens: int = 32  # greedy decoding length for generation tasks
+    n_prompt: int = 100
+    d_intrinsic: list[int] = field(default_factory=lambda: [5, 10, 50, 100, 250])
+    d_hidden: int = 768
+    alpha: float = 200.0
+    with_proj: bool = True
+    tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
+    pt: StageSettings = field(default_factory=lambda: StageSettings(0.3, 1000))
+    msf: StageSettings = field(default_factory=lambda: StageSettings(1e-3, 1000, tasks_per_step=8))
+    ist: StageSettings = field(default_factory=lambda: StageSettings(1.0, 300, eval_every=10))
+
+    def __post_init__(self) -> None:
+        for name in ("pt", "msf", "ist"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, StageSettings(**value))
+        if not self.d_intrinsic:
+            raise ValueError("d_intrinsic needs at least one value")
+        if self.data_seed == self.unseen_data_seed:
+            raise ValueError("unseen_data_seed must differ from data_seed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(name_or_path: str) -> ExperimentConfig:
+    """A config by path, or by name from the repository's configs/ directory ('smoke', 'paper-small')."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no experiment config {name_or_path!r}; give a YAML path or one of {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    allowed = {f.name for f in fields(ExperimentConfig)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}; allowed: {sorted(allowed)}")
+    return ExperimentConfig(**data)

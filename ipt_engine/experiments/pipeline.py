@@ -1,0 +1,304 @@
+"""`ipt experiment run`: every stage of the paper's study, resumable and cached in a run directory.
+
+Run directory layout (each file is written when its stage or chunk finishes; a rerun reads what is there):
+    config.yaml, command.txt, tasks.json      what was run, on which tasks
+    pt/<tag>/chunkNNN.{json,safetensors}      PT per chunk of tasks (tags: main, unseen-data, stability-seedS)
+    msf/dI<d>/                                the subspace artifact for each d_I (+ task_vectors.safetensors)
+    recon/dI<d>.json                          train tasks scored with Proj_b(Proj(P_i))
+    ist/dI<d>/<challenge>/chunkNNN.*          IST per challenge: seen_same_data, seen_unseen_data, unseen_tasks
+    ipt_pt/seed<S>/chunkNNN.*                 IPT-initialised PT of the unseen tasks
+    baselines.json, timings.json, summary.json
+Tasks of one chunk train together in one batched run (each row with its own prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import mean, pstdev
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.data.pool import TaskPool
+from ipt_engine.data.splits import load_split
+from ipt_engine.evaluation import evaluate
+from ipt_engine.experiments.config import ExperimentConfig
+from ipt_engine.ist import intrinsic_subspace_tune
+from ipt_engine.metrics import compute_metric
+from ipt_engine.msf import find_subspace, reconstruction_error
+from ipt_engine.named_tensors import load_named, save_named, stack_for
+from ipt_engine.prompt_tuning import prompt_tune
+from ipt_engine.subspace import SubspaceConfig
+from ipt_engine.subspace_artifact import load_artifact, save_artifact
+from ipt_engine.tasks import Task, TaskKind
+
+log = logging.getLogger(__name__)
+
+CHALLENGES = ("seen_same_data", "seen_unseen_data", "unseen_tasks")
+ChunkFn = Callable[[list[Task]], tuple[dict[str, dict[str, Any]], dict[str, Tensor]]]
+
+
+def trivial_score(task: Task) -> float:
+    """The dev score of a task-aware guess: the majority train label (classification), a uniform guess
+    over the options (multiple choice), the most frequent train output (generation)."""
+    if task.kind is TaskKind.MULTIPLE_CHOICE:
+        return mean(1 / len(e.options or ("",)) for e in task.dev)
+    guess = Counter(e.output for e in task.train).most_common(1)[0][0]
+    refs = [e.output if len(e.all_references) == 1 else list(e.all_references) for e in task.dev]
+    return compute_metric(task.metric, [guess] * len(task.dev), refs, labels=task.labels)
+
+
+class ExperimentRun:
+    """One run of a config in a directory; stages are methods, each cached on disk."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Path, pool_dir: Path, command: str = "") -> None:
+        self.config = config
+        self.dir = run_dir
+        self.pool = TaskPool(pool_dir)
+        split = load_split(pool_dir / "splits" / f"{config.split}.json")
+        self.train_names = self._select(split["train"], config.max_train_tasks)
+        self.test_names = self._select(split["test"], config.max_test_tasks)
+        self._backbone: Backbone | None = None
+        self._task_cache: dict[tuple[str, int], Task] = {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if command:
+            (run_dir / "command.txt").write_text(command + "\n")
+        (run_dir / "tasks.json").write_text(json.dumps({
+            "split": config.split, "pool": str(pool_dir),
+            "train": {n: self.pool.kind(n).value for n in self.train_names},
+            "test": {n: self.pool.kind(n).value for n in self.test_names}}, indent=1) + "\n")
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _select(self, names: list[str], cap: int | None) -> list[str]:
+        names = [n for n in names if n in self.pool.entries]
+        if cap is None or cap >= len(names):
+            return sorted(names)
+        if self.config.prefer_short_inputs:
+            def input_length(n: str) -> float:
+                exs = self.pool.load(n)["examples"][:50]
+                return mean(len(e["input"]) + len(e["output"]) for e in exs)
+            names = sorted(names, key=input_length)
+        return sorted(names[:cap])
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = Backbone.load(self.config.backbone, dtype=self.config.dtype)
+        return self._backbone
+
+    def tasks(self, names: Sequence[str], data_seed: int) -> list[Task]:
+        out = []
+        for n in names:
+            key = (n, data_seed)
+            if key not in self._task_cache:
+                self._task_cache[key] = self.pool.few_shot(n, data_seed, self.config.k_per_class,
+                                                           self.config.k_other, self.config.max_test)
+            out.append(self._task_cache[key])
+        return out
+
+    def _timed(self, stage: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        path = self.dir / "timings.json"
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
+        path.write_text(json.dumps(timings, indent=1) + "\n")
+        return result
+
+    def _chunked(self, stage_dir: Path, tasks: list[Task], fn: ChunkFn) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Run `fn` on chunks of `tasks_per_run` tasks; a chunk whose files exist (same tasks) is loaded."""
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        results: dict[str, Any] = {}
+        tensors: dict[str, Tensor] = {}
+        size = self.config.tasks_per_run
+        for i in range(0, len(tasks), size):
+            chunk = tasks[i:i + size]
+            meta, weights = stage_dir / f"chunk{i // size:03d}.json", stage_dir / f"chunk{i // size:03d}.safetensors"
+            if meta.is_file() and weights.is_file():
+                saved = json.loads(meta.read_text())
+                if sorted(saved) == sorted(t.name for t in chunk):
+                    results.update(saved)
+                    tensors.update(load_named(weights))
+                    continue
+            log.info("%s: chunk %d (%d tasks)", stage_dir.relative_to(self.dir), i // size, len(chunk))
+            res, ten = self._timed(str(stage_dir.relative_to(self.dir)).split("/")[0], lambda c=chunk: fn(c))
+            save_named(weights, ten)
+            meta.write_text(json.dumps(res, indent=1) + "\n")
+            results.update(res)
+            tensors.update(ten)
+        return results, tensors
+
+    def _test_scores(self, tasks: list[Task], prompts: Tensor) -> list[float]:
+        return evaluate(self.backbone, tasks, prompts.to(self.backbone.device), "test",
+                        max_new_tokens=self.config.max_new_tokens)
+
+    # ------------------------------------------------------------------------------------------- stages
+    def prompt_tuning(self, tag: str, names: Sequence[str], data_seed: int, train_seed: int,
+                      initial: dict[str, Tensor] | None = None, stage: str = "pt"
+                      ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """PT (or, with `initial` prompts, IPT-initialised PT) of `names`: best-dev prompts and test scores."""
+        cfg = self.config
+
+        def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+            init = stack_for([t.name for t in chunk], initial, "initial prompts") if initial else None
+            result = prompt_tune(self.backbone, chunk, cfg.pt.train_config(train_seed, cfg.max_new_tokens),
+                                 n_prompt=cfg.n_prompt, initial_prompts=init)
+            test = self._test_scores(chunk, result.prompts)
+            res = {t.name: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
+                            "error": r.error} for t, r, s in zip(chunk, result.train.tasks, test, strict=True)}
+            return res, {t.name: result.prompts[i] for i, t in enumerate(chunk)}
+
+        return self._chunked(self.dir / stage / tag, self.tasks(names, data_seed), run)
+
+    def baselines(self) -> dict[str, float]:
+        path = self.dir / "baselines.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        names = sorted(set(self.train_names) | set(self.test_names))
+        out = {f"{n}@{seed}": trivial_score(t) for seed in (self.config.data_seed, self.config.unseen_data_seed)
+               for n, t in zip(names, self.tasks(names, seed), strict=True)}
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+    def subspace(self, d: int, train_prompts: dict[str, Tensor]) -> Path:
+        """MSF for one d_I on the train tasks' PT prompts (main seed); returns the artifact directory."""
+        cfg = self.config
+        out = self.dir / "msf" / f"dI{d}"
+        if (out / "subspace.json").is_file() and (out / "task_vectors.safetensors").is_file():
+            return out
+        tasks = self.tasks(self.train_names, cfg.data_seed)
+        prompts = stack_for(self.train_names, train_prompts, "PT prompts") if cfg.with_proj else None
+        sub_cfg = SubspaceConfig(cfg.n_prompt, self.backbone.hidden_size, d, cfg.d_hidden, cfg.with_proj)
+
+        def run() -> Any:
+            return find_subspace(self.backbone, tasks, cfg.msf.train_config(cfg.data_seed, cfg.max_new_tokens),
+                                 sub_cfg, task_prompts=prompts, alpha=cfg.alpha)
+
+        result = self._timed("msf", run)
+        summary: dict[str, Any] = {"mean_dev_score": result.train.mean_dev_score, "steps": result.train.steps}
+        if prompts is not None:
+            summary["reconstruction_mse"] = reconstruction_error(result.subspace, prompts)
+        save_artifact(out, result.subspace, self.backbone.backbone_id, self.backbone.input_embeddings,
+                      eval_summary=summary, provenance={"experiment": cfg.name, "tasks": self.train_names,
+                                                        "alpha": cfg.alpha, "msf": cfg.msf.__dict__})
+        save_named(out / "task_vectors.safetensors",
+                   {n: result.task_vectors[i] for i, n in enumerate(self.train_names)})
+        return out
+
+    def reconstruction(self, d: int, artifact: Path, train_prompts: dict[str, Tensor]) -> dict[str, float]:
+        """Test scores of the train tasks with their reconstructed prompts Proj_b(Proj(P_i))."""
+        path = self.dir / "recon" / f"dI{d}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        sub = load_artifact(artifact).subspace
+        if sub.proj is None:
+            return {}
+        tasks = self.tasks(self.train_names, self.config.data_seed)
+        with torch.no_grad():
+            recon = sub.reconstruct(stack_for(self.train_names, train_prompts, "PT prompts"))
+        scores = self._timed("recon", lambda: self._test_scores(tasks, recon))
+        out = dict(zip(self.train_names, scores, strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+    def ist(self, d: int, artifact: Path, challenge: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        cfg = self.config
+        names, seed = {
+            "seen_same_data": (self.train_names, cfg.data_seed),
+            "seen_unseen_data": (self.train_names, cfg.unseen_data_seed),
+            "unseen_tasks": (self.test_names, cfg.data_seed),
+        }[challenge]
+        proj_b = load_artifact(artifact).subspace.proj_b
+
+        def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
+            results = intrinsic_subspace_tune(self.backbone, chunk, proj_b,
+                                              cfg.ist.train_config(cfg.data_seed, cfg.max_new_tokens))
+            z = torch.stack([r.z for r in results])
+            with torch.no_grad():
+                test = self._test_scores(chunk, proj_b(z))
+            res = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step}
+                   for r, s in zip(results, test, strict=True)}
+            return res, {r.task: r.z for r in results}
+
+        return self._chunked(self.dir / "ist" / f"dI{d}" / challenge, self.tasks(names, seed), run)
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, command: str = "") -> dict[str, Any]:
+    """Run (or resume) every stage, then write summary.json; returns the summary."""
+    cfg = config
+    run = ExperimentRun(cfg, run_dir, pool_dir, command)
+    log.info("experiment %s: %d train tasks, %d held-out tasks -> %s", cfg.name, len(run.train_names),
+             len(run.test_names), run_dir)
+    baselines = run.baselines()
+    all_names = sorted(set(run.train_names) | set(run.test_names))
+    pt_main, prompts_main = run.prompt_tuning("main", all_names, cfg.data_seed, cfg.stability_seeds[0])
+    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.train_names, cfg.unseen_data_seed,
+                                          cfg.stability_seeds[0])
+    per_d: dict[str, Any] = {}
+    ist_vectors: dict[int, dict[str, Tensor]] = {}
+    for d in cfg.d_intrinsic:
+        artifact = run.subspace(d, prompts_main)
+        entry: dict[str, Any] = {"msf": json.loads((artifact / "subspace.json").read_text())["eval_summary"],
+                                 "recon": run.reconstruction(d, artifact, prompts_main)}
+        for challenge in CHALLENGES:
+            results, vectors = run.ist(d, artifact, challenge)
+            entry[challenge] = results
+            if challenge == "unseen_tasks":
+                ist_vectors[d] = vectors
+        per_d[str(d)] = entry
+
+    learnable = {n: pt_main[n]["dev"] > baselines[f"{n}@{cfg.data_seed}"] for n in all_names}
+    learnable_unseen_data = {n: pt_unseen_data[n]["dev"] > baselines[f"{n}@{cfg.unseen_data_seed}"]
+                             for n in run.train_names}
+    best_d = _best_unseen_d(per_d, pt_main, learnable, run.test_names)
+    stability = _stability(run, cfg, best_d, ist_vectors[best_d])
+    summary = {
+        "config": cfg.to_dict(), "train_tasks": run.train_names, "test_tasks": run.test_names,
+        "kinds": {n: run.pool.kind(n).value for n in all_names},
+        "baselines": baselines, "pt": {"main": pt_main, "unseen-data": pt_unseen_data},
+        "learnable": learnable, "learnable_unseen_data": learnable_unseen_data,
+        "per_d": per_d, "best_d": best_d, "stability": stability,
+        "timings": json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _best_unseen_d(per_d: dict[str, Any], pt: dict[str, Any], learnable: dict[str, bool],
+                   test_names: list[str]) -> int:
+    def rel(d: str) -> float:
+        names = [n for n in test_names if learnable[n] and pt[n]["test"] > 0]
+        if not names:
+            return 0.0
+        return mean(per_d[d]["unseen_tasks"][n]["test"] / pt[n]["test"] for n in names)
+    return int(max(per_d, key=lambda d: (rel(d), -int(d))))
+
+
+def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, Tensor]) -> dict[str, Any]:
+    """PT vs IPT-initialised PT (from Proj_b(z) of IST at d_I = d) over training seeds, on the unseen tasks."""
+    proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
+    with torch.no_grad():
+        initial = {n: proj_b(z[n][None])[0] for n in run.test_names}
+    pt_runs, ipt_runs = {}, {}
+    for seed in cfg.stability_seeds:
+        pt_runs[str(seed)], _ = run.prompt_tuning(f"stability-seed{seed}", run.test_names, cfg.data_seed, seed)
+        ipt_runs[str(seed)], _ = run.prompt_tuning(f"dI{d}-seed{seed}", run.test_names, cfg.data_seed, seed,
+                                                   initial=initial, stage="ipt_pt")
+    per_task = {}
+    for n in run.test_names:
+        pt_scores = [pt_runs[s][n]["test"] for s in pt_runs]
+        ipt_scores = [ipt_runs[s][n]["test"] for s in ipt_runs]
+        per_task[n] = {"pt": pt_scores, "ipt_pt": ipt_scores, "pt_std": pstdev(pt_scores) * 100,
+                       "ipt_pt_std": pstdev(ipt_scores) * 100}
+    return {"d_intrinsic": d, "seeds": cfg.stability_seeds, "per_task": per_task}

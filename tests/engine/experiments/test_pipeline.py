@@ -1,0 +1,97 @@
+"""The experiment pipeline end to end on a fake BIG-bench pool and a tiny backbone: every stage runs,
+a rerun resumes from the run directory, and the report has every section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ipt_engine.data.pool import TaskPool, prepare_pool
+from ipt_engine.data.splits import make_splits, save_splits
+from ipt_engine.experiments.config import ExperimentConfig, StageSettings, load_config
+from ipt_engine.experiments.pipeline import run_experiment, trivial_score
+from ipt_engine.experiments.report import write_report
+from ipt_engine.tasks import TaskKind
+from tests.conftest import make_task
+from tests.engine.data.fixtures import write_fake_sdist
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("exp_pool")
+    prepare_pool(write_fake_sdist(root / "bigbench-1.0.0.tar.gz"), root / "pool")
+    save_splits(make_splits(TaskPool(root / "pool"), seed=0, test_fraction=0.4), root / "pool" / "splits")
+    return root / "pool"
+
+
+def _config(backbone: str) -> ExperimentConfig:
+    fast = {"learning_rate": 0.1, "max_steps": 2, "batch_size": 2, "eval_every": 1, "patience": 2}
+    return ExperimentConfig(name="tiny", backbone=backbone, stability_seeds=[0, 1], k_per_class=2, k_other=3,
+                            max_test=4, max_new_tokens=3, n_prompt=2, d_intrinsic=[2, 3], d_hidden=8,
+                            tasks_per_run=2, pt=StageSettings(**fast),
+                            msf=StageSettings(**{**fast, "learning_rate": 0.01}), ist=StageSettings(**fast))
+
+
+def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: dict) -> None:
+    cfg = _config(str(tiny_model_dirs["llama"]))
+    run_dir = tmp_path / "run"
+    summary = run_experiment(cfg, run_dir, pool_dir, command="ipt experiment run tiny")
+    assert len(summary["train_tasks"]) == 3 and len(summary["test_tasks"]) == 2
+    for d in ("2", "3"):
+        entry = summary["per_d"][d]
+        assert set(entry["unseen_tasks"]) == set(summary["test_tasks"])
+        assert set(entry["seen_unseen_data"]) == set(summary["train_tasks"])
+        assert set(entry["recon"]) == set(summary["train_tasks"])
+        assert (run_dir / "msf" / f"dI{d}" / "subspace.json").is_file()
+    assert set(summary["stability"]["per_task"]) == set(summary["test_tasks"])
+    assert summary["best_d"] in (2, 3)
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert {"pt", "msf", "ist", "ipt_pt", "recon"} <= set(timings)
+
+    # a rerun trains nothing: every stage is read back from the run directory
+    again = run_experiment(cfg, run_dir, pool_dir)
+    assert json.loads((run_dir / "timings.json").read_text()) == timings
+    assert again["per_d"] == summary["per_d"] and again["stability"] == summary["stability"]
+
+    # an interrupted run resumes: remove one chunk and only it is recomputed
+    chunk = next((run_dir / "ist" / "dI3" / "unseen_tasks").glob("chunk000.json"))
+    chunk.unlink()
+    run_experiment(cfg, run_dir, pool_dir)
+    assert chunk.is_file()
+    assert json.loads((run_dir / "timings.json").read_text())["ist"] > timings["ist"]
+
+    report = write_report(run_dir)
+    text = report.read_text()
+    for section in ("## Setup", "E_rel^PT and E_abs", "seen tasks, unseen data", "MSF reconstruction",
+                    "## Stability", "## Intrinsic vectors (PCA)", "## Stage timings", "## Task lists",
+                    "## Appendix", "ipt experiment run tiny"):
+        assert section in text, section
+    assert (run_dir / "report-pca.png").stat().st_size > 1000
+
+
+def test_report_needs_a_finished_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+        write_report(tmp_path)
+
+
+def test_configs_in_the_repo_load() -> None:
+    smoke, paper = load_config("smoke"), load_config("paper-small")
+    assert smoke.d_intrinsic and paper.d_intrinsic == [5, 10, 50, 100, 250]
+    assert len(paper.stability_seeds) >= 3
+    with pytest.raises(FileNotFoundError, match="smoke"):
+        load_config("nope")
+
+
+def test_unknown_config_keys_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nlearning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(str(path))
+
+
+def test_trivial_scores() -> None:
+    assert trivial_score(make_task()) == pytest.approx(0.5)  # majority label on a balanced dev set
+    assert trivial_score(make_task("mc", TaskKind.MULTIPLE_CHOICE)) == pytest.approx(0.5)
+    assert 0.0 <= trivial_score(make_task("gen", TaskKind.GENERATION)) <= 1.0
