@@ -72,7 +72,7 @@ def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: 
 
 
 def test_report_needs_a_finished_run(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"summary\.json is missing"):
         write_report(tmp_path)
 
 
