@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import tarfile
@@ -29,6 +30,10 @@ SDIST_NAME = "bigbench"
 SDIST_VERSION = "1.0.0"
 TASKS_DIR_MARKER = "/bigbench/benchmark_tasks/"
 NON_ENGLISH_KEYWORDS = frozenset({"non-English", "low-resource language", "translation", "multilingual"})
+# Some non-English tasks carry none of those keywords; their description names the language.
+NON_ENGLISH_LANGUAGES = ("German", "French", "Spanish", "Italian", "Portuguese", "Dutch", "Russian", "Hindi",
+                         "Chinese", "Japanese", "Korean", "Arabic", "Persian", "Swahili", "Turkish", "Polish",
+                         "Hebrew", "Bengali", "Kannada", "Tamil", "Telugu", "Urdu", "Vietnamese", "Indonesian")
 _SCORE_TO_METRIC = {
     "multiple_choice_grade": MetricName.ACCURACY,
     "exact_str_match": MetricName.EXACT_MATCH,
@@ -136,6 +141,10 @@ def convert_task(rel_path: str, data: dict[str, Any], rules: ConversionRules,
     foreign = sorted(NON_ENGLISH_KEYWORDS & set(keywords))
     if foreign:
         return skip(f"not English-only (keywords {foreign})")
+    description = str(data.get("description", ""))
+    named = [lang for lang in NON_ENGLISH_LANGUAGES if re.search(rf"\b{lang}\b", description)]
+    if named:
+        return skip(f"not English-only (description names {named})")
     mc = [e for e in raw if isinstance(e, dict) and isinstance(e.get("target_scores"), dict) and e["target_scores"]]
     gen = [e for e in raw if isinstance(e, dict) and "target" in e and "target_scores" not in e]
     if mc and len(mc) >= len(gen):

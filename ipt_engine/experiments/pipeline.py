@@ -13,6 +13,7 @@ Tasks of one chunk train together in one batched run (each row with its own prom
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -83,10 +84,13 @@ class ExperimentRun:
         if cap is None or cap >= len(names):
             return sorted(names)
         if self.config.prefer_short_inputs:
+            # the shortest tasks of each kind, taken in turn (classification, multiple choice, generation),
+            # so that a small CPU run still covers every kind
             def input_length(n: str) -> float:
                 exs = self.pool.load(n)["examples"][:50]
                 return mean(len(e["input"]) + len(e["output"]) for e in exs)
-            names = sorted(names, key=input_length)
+            by_kind = {k: sorted((n for n in names if self.pool.kind(n) is k), key=input_length) for k in TaskKind}
+            names = [n for group in itertools.zip_longest(*by_kind.values()) for n in group if n is not None]
         return sorted(names[:cap])
 
     @property

@@ -75,3 +75,19 @@ def test_bad_task_file_exits_with_a_clear_message(tmp_path: Path, monkeypatch: p
 def test_eval_rejects_conflicting_options(task_file: Path) -> None:
     result = runner.invoke(app, ["eval", str(task_file), "--subspace", "x"])
     assert result.exit_code != 0 and "go together" in result.output
+
+
+def test_data_prepare_writes_pool_and_splits(tmp_path: Path) -> None:
+    from tests.engine.data.fixtures import write_fake_sdist
+
+    sdist = write_fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    out = _ok(["data", "prepare", "--sdist", str(sdist), "--pool", str(tmp_path / "pool"), "--test-fraction", "0.4"])
+    assert "total usable" in out and "programmatic task" in out
+    assert (tmp_path / "pool" / "index.json").is_file() and (tmp_path / "pool" / "splits" / "random.json").is_file()
+    index = json.loads((tmp_path / "pool" / "index.json").read_text())
+    assert len(index["tasks"]) == 5
+
+
+def test_experiment_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["experiment", "report", str(tmp_path)])
+    assert result.exit_code != 0 and "summary.json is missing" in str(result.exception)
