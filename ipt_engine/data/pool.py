@@ -1,8 +1,9 @@
 """The task pool on disk, and few-shot tasks drawn from it.
 
 Layout of a pool directory:
-    index.json          one entry per usable task: name, kind, metric, sizes, label set, source path
-    skipped.json        every task that was not converted, with the reason
+    index.json          one entry per usable task (name, kind, metric, sizes, label set, source path), a
+                        summary, and every task that was not converted with the reason
+    skipped.json        the skipped tasks alone
     tasks/<name>.json   a usable task with all its (kept) examples
 
 Few-shot sampling follows the paper: K = 16 per class (classification) or 32 (other kinds) for train and
@@ -63,15 +64,16 @@ def prepare_pool(sdist: Path, out: Path, rules: ConversionRules | None = None) -
         _write_task(out, result)
         index.append(_index_entry(result))
     index.sort(key=lambda e: e["name"])
-    (out / INDEX_FILE).write_text(json.dumps({"rules": rules.__dict__, "tasks": index}, indent=1) + "\n")
-    (out / SKIPPED_FILE).write_text(json.dumps([s.__dict__ for s in skipped], indent=1) + "\n")
     summary = {
         "usable": len(index),
         "by_kind": dict(Counter(e["kind"] for e in index)),
         "skipped": len(skipped),
         "skip_reasons": dict(Counter(_reason_class(s.reason) for s in skipped).most_common()),
     }
-    log.info("task pool: %s", summary)
+    (out / INDEX_FILE).write_text(json.dumps({"rules": rules.__dict__, "summary": summary, "tasks": index,
+                                              "skipped": [s.__dict__ for s in skipped]}, indent=1) + "\n")
+    (out / SKIPPED_FILE).write_text(json.dumps([s.__dict__ for s in skipped], indent=1) + "\n")
+    log.info("task pool: %d usable %s, %d skipped", summary["usable"], summary["by_kind"], summary["skipped"])
     return summary
 
 

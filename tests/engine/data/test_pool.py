@@ -108,3 +108,10 @@ def test_real_bigbench_sdist_gives_a_pool_of_all_kinds(tmp_path: Path) -> None:
 
 def test_fixture_covers_the_formats() -> None:
     assert any("target_scores" in t.get("examples", [{}])[0] for t in TASKS.values() if t.get("examples"))
+
+
+def test_index_says_why_tasks_were_skipped(pool: TaskPool) -> None:
+    index = json.loads((pool.root / "index.json").read_text())
+    assert index["summary"]["usable"] == len(index["tasks"]) == 5
+    reasons = {s["name"]: s["reason"] for s in index["skipped"]}
+    assert set(reasons) == {"family", "tiny", "french", "program", "broken"}
