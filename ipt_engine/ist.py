@@ -17,7 +17,7 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.prompt_tuning import task_generators
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
-from ipt_engine.training import PromptParameters, TaskTrainResult, TrainConfig, train_prompts
+from ipt_engine.training import EvalHook, PromptParameters, TaskTrainResult, TrainConfig, train_prompts
 
 DEFAULT_IST_LEARNING_RATE = 1.0
 """z has few coordinates, and the task vectors MSF finds lie far from the origin (|z_i| of order 10 with
@@ -83,11 +83,13 @@ class ISTResult:
     steps: int
     best_step: int
     wall_seconds: float  # of the whole batched run this task was part of
+    error: str | None = None  # set when this task's training stopped abnormally (NaN loss, stop request)
 
 
 def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, config: TrainConfig, *,
                             init: ZInit | str = ZInit.ZEROS, known_vectors: Tensor | None = None,
-                            initial_z: Tensor | None = None) -> list[ISTResult]:
+                            initial_z: Tensor | None = None, on_evaluate: EvalHook | None = None
+                            ) -> list[ISTResult]:
     """IST of every task in one batched run. Returns one ISTResult per task, in order."""
     d_i = proj_b.config.d_intrinsic
     if initial_z is None:
@@ -101,7 +103,7 @@ def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: P
     was_trainable = [p.requires_grad for p in proj_b.parameters()]
     params = IntrinsicVectors(proj_b.to(backbone.device).eval(), initial_z).to(backbone.device)
     try:
-        result = train_prompts(backbone, tasks, params, config, description="IST")
+        result = train_prompts(backbone, tasks, params, config, description="IST", on_evaluate=on_evaluate)
     finally:
         for p, flag in zip(proj_b.parameters(), was_trainable, strict=True):
             p.requires_grad_(flag)
@@ -111,4 +113,4 @@ def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: P
 
 
 def _ist_result(r: TaskTrainResult, z: Tensor, wall: float) -> ISTResult:
-    return ISTResult(r.task, z.clone(), r.dev_score, r.steps, r.best_step, wall)
+    return ISTResult(r.task, z.clone(), r.dev_score, r.steps, r.best_step, wall, r.error)

@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,8 +141,15 @@ def check_trainable(tasks: Sequence[Task]) -> None:
             raise InvalidTaskError(f"task {t.name!r} has no dev examples; split some off (Task.with_dev_split)")
 
 
+STOPPED_BY_REQUEST = "stopped by request"
+EvalHook = Callable[[int, dict[int, float]], Iterable[int]]
+"""Called after each dev evaluation with (step, {task index: dev score}); returns task indices to stop
+(e.g. tasks cancelled by their owner). Per-task mode only."""
+
+
 def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParameters,
-                  config: TrainConfig, description: str = "train") -> TrainResult:
+                  config: TrainConfig, description: str = "train", on_evaluate: EvalHook | None = None
+                  ) -> TrainResult:
     """Train `params` on `tasks` (multi-task batches), keep the best-dev parameters and return per-task results.
 
     A NaN or infinite loss stops training. In per-task mode only the tasks whose rows produced it stop
@@ -171,6 +178,9 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
         log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
                  history[-1]["dev"], len(idx))
         state.update(params, idx, scores, step, config.patience)
+        if on_evaluate is not None:
+            for i in on_evaluate(step, dict(zip(idx, scores, strict=True))):
+                state.fail(i, STOPPED_BY_REQUEST)
 
     if config.eval_at_start:
         run_eval(0, float("nan"))
@@ -196,7 +206,7 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
     finally:
         bar.close()
         state.restore(params)
-    if all(e is not None for e in state.errors):
+    if all(e is not None and e != STOPPED_BY_REQUEST for e in state.errors):
         raise NonFiniteLossError(str(state.errors[0]))
     results = [
         TaskTrainResult(t.name, state.best_score[i], state.best_step[i], state.trained_steps[i],

@@ -200,3 +200,19 @@ def test_bad_training_settings_are_rejected(tiny_causal: Backbone) -> None:
         TrainConfig(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="tasks_per_step applies to shared"):
         prompt_tune(tiny_causal, [make_task()], TrainConfig(tasks_per_step=1))
+
+
+def test_evaluation_hook_can_stop_a_task(tiny_causal: Backbone) -> None:
+    sub = _subspace(tiny_causal)
+    seen: list[tuple[int, dict[int, float]]] = []
+
+    def hook(step: int, scores: dict[int, float]) -> list[int]:
+        seen.append((step, scores))
+        return [1] if step >= 2 else []
+
+    config = TrainConfig(learning_rate=0.3, max_steps=6, batch_size=2, eval_every=2, patience=5)
+    a, b = intrinsic_subspace_tune(tiny_causal, [make_task("a"), make_task("b")], sub.proj_b, config,
+                                   on_evaluate=hook)
+    assert a.error is None and a.steps == 6
+    assert b.error == "stopped by request" and b.steps == 2
+    assert [s for s, _ in seen] == [0, 2, 4, 6] and set(seen[-1][1]) == {0}
