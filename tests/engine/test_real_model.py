@@ -16,11 +16,8 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.evaluation import evaluate
 from ipt_engine.ist import intrinsic_subspace_tune
 from ipt_engine.model_loading import load_smollm2
-from ipt_engine.msf import find_subspace
-from ipt_engine.prompt_tuning import prompt_tune
-from ipt_engine.subspace import SubspaceConfig
 from ipt_engine.training import TrainConfig
-from tests.engine.category_tasks import RELATED, TARGET, category_task
+from tests.conftest import CategoryStudy
 
 pytestmark = pytest.mark.real_model
 
@@ -42,31 +39,20 @@ def test_real_backbone_shape(real_backbone: Backbone) -> None:
     assert all(not p.requires_grad for p in real_backbone.model.parameters())
 
 
-def test_ist_in_a_learned_subspace_beats_z0_and_no_prompt_and_pt_beats_no_prompt(real_backbone: Backbone) -> None:
-    bb = real_backbone
-    target = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8,
-                           test_per_label=12)
-    related = [category_task(name, cats, seed=i, dev_per_label=4) for i, (name, cats) in enumerate(RELATED.items())]
+def test_ist_in_a_learned_subspace_beats_z0_and_no_prompt_and_pt_beats_no_prompt(
+        real_backbone: Backbone, category_study: CategoryStudy) -> None:
+    bb, study = real_backbone, category_study
+    target = study.target
     assert len(target.labels or ()) >= 3 and len(target.train) == 48 and len(target.test) == 36
-
-    # PT of the target and the related tasks in one batched run (each row with its own task's prompt).
-    pt = prompt_tune(bb, [target, *related],
-                     TrainConfig(learning_rate=0.1, max_steps=30, batch_size=6, eval_every=10, patience=2),
-                     n_prompt=10)
-    # MSF on the related tasks only: the target is unseen by the subspace.
-    msf = find_subspace(bb, related, TrainConfig(learning_rate=3e-3, max_steps=50, batch_size=6, eval_every=25,
-                                                 patience=2),
-                        SubspaceConfig(n_prompt=10, d_model=bb.hidden_size, d_intrinsic=4, d_hidden=64),
-                        task_prompts=pt.prompts[1:], alpha=200.0)
-    assert msf.train.mean_dev_score > 0.8  # the subspace holds the related tasks
-    (ist,) = intrinsic_subspace_tune(bb, [target], msf.subspace.proj_b,
+    assert study.msf.train.mean_dev_score > 0.8  # the subspace holds the related tasks
+    (ist,) = intrinsic_subspace_tune(bb, [target], study.msf.subspace.proj_b,
                                      TrainConfig(learning_rate=1.0, max_steps=30, batch_size=12, eval_every=5,
                                                  patience=4))
     with torch.no_grad():
         prompts = {
-            "IST": msf.subspace.decode(ist.z[None]),
-            "z=0": msf.subspace.decode(torch.zeros(1, 4)),
-            "PT": pt.prompts[:1],
+            "IST": study.msf.subspace.decode(ist.z[None]),
+            "z=0": study.msf.subspace.decode(torch.zeros(1, 4)),
+            "PT": study.pt.prompts[:1],
         }
     test = {name: evaluate(bb, [target], p.to(bb.device), "test")[0] for name, p in prompts.items()}
     test["no prompt"] = evaluate(bb, [target], None, "test")[0]

@@ -1,0 +1,1 @@
+"""The IPT web service: task API over Redis, batched predictions, auth and metrics (FastAPI)."""

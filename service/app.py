@@ -1,0 +1,104 @@
+"""The FastAPI application factory: routes, limits, metrics, and the model loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.predictor import MicroBatcher, PromptCache
+from service.redis_connection import connect
+from service.routes import health, tasks
+from service.settings import Settings
+from service.task_store import TaskStore
+from workers.runtime import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+
+class BodySizeLimit:
+    """Refuse bodies over the limit with 413 before they are parsed: by Content-Length when given, else
+    by counting the bytes as they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body exceeds the limit of {self.max_bytes} bytes"}, 413)
+        await response({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. The runtime (backbone + Proj_b) is loaded at start-up unless one is given."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store = TaskStore(connect(settings))
+        app.state.runtime = runtime or load_runtime(settings)
+        metrics.MODEL_LOAD.set(app.state.runtime.load_seconds)
+        app.state.prompt_cache = PromptCache(settings.prompt_cache_size)
+        app.state.batcher = MicroBatcher(app.state.runtime, settings.batch_max_size,
+                                         settings.batch_max_wait_ms / 1000)
+        app.state.batcher.start()
+        yield
+        await app.state.batcher.stop()
+
+    app = FastAPI(title="IPT service", version="0.1.0", lifespan=lifespan,
+                  description="Learn a task from a few examples as a tiny vector; predict with one frozen LM.")
+    app.state.settings = settings
+    app.state.runtime = None
+    app.include_router(health.router)
+    app.include_router(tasks.router)
+
+    @app.middleware("http")
+    async def record_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        metrics.HTTP_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,50 @@
+"""Request dependencies: settings, the task store, the caller's tenant, the model runtime."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from service.auth import tenant_for
+from service.predictor import MicroBatcher, PromptCache
+from service.settings import Settings
+from service.task_store import TaskStore
+from workers.runtime import Runtime
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> TaskStore:
+    return request.app.state.store
+
+
+def get_tenant(request: Request) -> str:
+    return tenant_for(request, request.app.state.settings)
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = request.app.state.runtime
+    if runtime is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model is still loading; retry shortly",
+                            headers={"Retry-After": "5"})
+    return runtime
+
+
+def get_batcher(request: Request) -> MicroBatcher:
+    get_runtime(request)
+    return request.app.state.batcher
+
+
+def get_cache(request: Request) -> PromptCache:
+    return request.app.state.prompt_cache
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[TaskStore, Depends(get_store)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+CacheDep = Annotated[PromptCache, Depends(get_cache)]

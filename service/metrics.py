@@ -1,0 +1,19 @@
+"""Prometheus metrics of the API and the workers (names end in their unit; counters in _total)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter("ipt_http_requests_total", "HTTP requests", ["method", "route", "status"])
+HTTP_LATENCY = Histogram("ipt_http_request_duration_seconds", "HTTP request latency", ["method", "route"])
+PREDICT_BATCH_SIZE = Histogram("ipt_predict_batch_size_inputs", "Inputs per micro-batched forward pass",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+PREDICT_BATCH_TASKS = Histogram("ipt_predict_batch_distinct_tasks", "Distinct tasks per forward pass",
+                                buckets=(1, 2, 4, 8, 16, 32, 64))
+PROMPT_CACHE = Counter("ipt_prompt_cache_lookups_total", "Soft-prompt cache lookups", ["result"])
+QUEUE_LENGTH = Gauge("ipt_ist_queue_length_jobs", "IST jobs waiting in the queue")
+TASKS_BY_STATUS = Gauge("ipt_tasks_by_status_tasks", "Stored tasks by status", ["status"])
+MODEL_LOAD = Gauge("ipt_model_load_duration_seconds", "Time to load the backbone and Proj_b")
+IST_JOBS = Counter("ipt_ist_jobs_total", "IST jobs finished, by outcome", ["outcome"])
+IST_DURATION = Histogram("ipt_ist_job_duration_seconds", "IST job wall time",
+                         buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800))

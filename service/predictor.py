@@ -1,0 +1,125 @@
+"""Predictions: soft prompts from z (bounded LRU cache keyed by task id and vector version) and a
+micro-batcher that runs requests of many tasks in one forward pass, each row with its own prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ipt_engine.evaluation import Prediction, predict
+from ipt_engine.tasks import Example, TaskHead
+from service import metrics
+from workers.runtime import Runtime
+
+
+class PromptCache:
+    """Proj_b(z) per (task id, version); the least recently used prompt goes first when full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+
+    def get_or_compute(self, task_id: str, version: int, compute: callable) -> Tensor:  # type: ignore[valid-type]
+        key = (task_id, version)
+        if key in self._items:
+            self._items.move_to_end(key)
+            metrics.PROMPT_CACHE.labels("hit").inc()
+            return self._items[key]
+        metrics.PROMPT_CACHE.labels("miss").inc()
+        prompt = compute()
+        self._items[key] = prompt
+        for stale in [k for k in self._items if k[0] == task_id and k != key]:
+            del self._items[stale]  # an older version of a retrained task
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return prompt
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Item:
+    """One input to answer: which task (head + prompt [n, d]) and the example."""
+
+    key: tuple[str, int]
+    head: TaskHead
+    prompt: Tensor
+    example: Example
+
+
+class MicroBatcher:
+    """Collects items from concurrent requests for up to `max_wait_s` (or `max_size` items) and runs them
+    as one batch on a single model thread."""
+
+    def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float) -> None:
+        self.runtime = runtime
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.queue: asyncio.Queue[tuple[Item, asyncio.Future[Prediction]]] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipt-model")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, items: Sequence[Item]) -> list[Prediction]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        for item, fut in zip(items, futures, strict=True):
+            self.queue.put_nowait((item, fut))
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [i for i, _ in batch])
+            except Exception as exc:  # the requests get the error; the loop keeps serving
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    def run_batch(self, items: list[Item]) -> list[Prediction]:
+        """One forward pass (per kind) over items of any number of tasks. Public for direct use and tests."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.key, []).append(i)
+        keys = list(groups)
+        heads = [items[groups[k][0]].head for k in keys]
+        prompts = torch.stack([items[groups[k][0]].prompt for k in keys])
+        examples = [[items[i].example for i in groups[k]] for k in keys]
+        metrics.PREDICT_BATCH_SIZE.observe(len(items))
+        metrics.PREDICT_BATCH_TASKS.observe(len(keys))
+        answers = predict(self.runtime.backbone, heads, examples, prompts)
+        out: list[Prediction | None] = [None] * len(items)
+        for k, per_task in zip(keys, answers, strict=True):
+            for i, answer in zip(groups[k], per_task, strict=True):
+                out[i] = answer
+        return [p for p in out if p is not None]

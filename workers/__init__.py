@@ -1,0 +1,1 @@
+"""RQ workers: IST jobs on a process-wide model (loaded once per worker process)."""

@@ -1,0 +1,48 @@
+"""The model a worker or API process holds: the backbone and Proj_b, loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.subspace import IntrinsicSubspace
+from ipt_engine.subspace_artifact import load_artifact
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    backbone: Backbone
+    subspace: IntrinsicSubspace
+    artifact_id: str
+    load_seconds: float
+
+
+_runtimes: dict[tuple[str, str, str | None, str], Runtime] = {}
+
+
+def load_runtime(settings: Settings) -> Runtime:
+    """The process-wide runtime for these settings; the first call loads the backbone and the subspace,
+    later calls reuse them (one per (backbone, subspace, device, dtype), in practice one per process)."""
+    key = (settings.backbone, str(settings.subspace), settings.device, settings.dtype)
+    if key not in _runtimes:
+        if settings.subspace is None:
+            raise RuntimeError("no subspace artifact configured: set IPT_SUBSPACE to a directory written by `ipt msf`")
+        start = time.perf_counter()
+        backbone = Backbone.load(settings.backbone, device=settings.device, dtype=settings.dtype)
+        artifact = load_artifact(settings.subspace, backbone_id=backbone.backbone_id,
+                                 embeddings=backbone.input_embeddings, device=backbone.device)
+        meta = artifact.metadata
+        artifact_id = f"{meta.backbone_id}/dI{meta.config['d_intrinsic']}/{meta.created_at}"
+        _runtimes[key] = Runtime(backbone, artifact.subspace, artifact_id, time.perf_counter() - start)
+        log.info("runtime loaded in %.1f s: %s", _runtimes[key].load_seconds, artifact_id)
+    return _runtimes[key]
+
+
+def reset_runtime() -> None:
+    """Forget the loaded runtimes (tests)."""
+    _runtimes.clear()
