@@ -1,0 +1,70 @@
+"""A worker killed with SIGKILL in the middle of an IST job: once RQ sees the job abandoned, the job is
+retried by another worker and the task still ends `succeeded`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from rq import Queue
+from rq.registry import StartedJobRegistry
+
+from service.redis_connection import connect
+from service.settings import Settings
+from tests.service.conftest import run_worker_burst
+from tests.service.test_api import task_body
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_killed_worker_job_is_retried_and_succeeds(alice: httpx.Client, env_settings: Settings) -> None:
+    body = task_body(name="survivor", training={"max_steps": 400, "eval_every": 1, "batch_size": 2, "patience": 100})
+    tid = alice.post("/tasks", json=body).json()["id"]
+    env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
+    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: alice.get(f"/tasks/{tid}").json()["progress"]["step"] >= 2, 120, "the job to be running")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    assert alice.get(f"/tasks/{tid}").json()["status"] == "running"  # mid-job, its worker gone
+
+    # RQ declares a started job abandoned when its worker's heartbeat lapses; jump past that point in time
+    queue = Queue(env_settings.queue_name, connection=connect(env_settings))
+    registry = StartedJobRegistry(queue=queue)
+    registry.cleanup(timestamp=time.time() + 10_000)
+    assert tid in queue.job_ids, "the abandoned job was not requeued for a retry"
+
+    run_worker_burst(env_settings)
+    task = alice.get(f"/tasks/{tid}").json()
+    assert task["status"] == "succeeded", task
+    r = alice.post(f"/tasks/{tid}/predict", json={"inputs": ["the movie was great"]})
+    assert r.status_code == 200
+
+
+def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: Settings) -> None:
+    """Warm shutdown: SIGTERM during a job; the job completes, then the worker exits cleanly."""
+    body = task_body(name="warm", training={"max_steps": 60, "eval_every": 1, "batch_size": 2, "patience": 100})
+    tid = alice.post("/tasks", json=body).json()["id"]
+    env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
+    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: alice.get(f"/tasks/{tid}").json()["progress"]["step"] >= 1, 120, "the job to be running")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
