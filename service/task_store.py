@@ -167,10 +167,16 @@ class TaskStore:
                 except redis.WatchError:
                     continue
 
-    def mark_running(self, task_id: str, total_steps: int) -> bool:
+    def mark_running(self, task_id: str, total_steps: int, batch_tasks: int = 1) -> bool:
+        """Queued (or running, on a retry) -> running; `batch_tasks` records how many tasks train together."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
                                {"status": TaskStatus.RUNNING.value, "started_at": time.time(),
-                                "progress_total": total_steps, "progress_step": 0})
+                                "progress_total": total_steps, "progress_step": 0, "batch_tasks": batch_tasks})
+
+    def claim(self, task_id: str) -> bool:
+        """Queued -> running, only if still queued: a worker takes a task into its batch."""
+        return self._update_if(task_id, {TaskStatus.QUEUED}, {"status": TaskStatus.RUNNING.value,
+                                                              "started_at": time.time()})
 
     def set_progress(self, task_id: str, step: int, dev: float | None) -> None:
         self._update_if(task_id, {TaskStatus.RUNNING}, {"progress_step": step, "progress_dev": dev})

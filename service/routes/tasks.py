@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.tasks import Example, Task, TaskHead, TaskKind, infer_kind
@@ -84,7 +86,7 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
         training["max_steps"] = min(training["max_steps"], settings.max_ist_steps)
         queue = Queue(settings.queue_name, connection=store.r)
         queue.enqueue("workers.jobs.train_task", record.id, task.to_dict(), training, job_id=record.id,
-                      job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=3600,
+                      job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=60,
                       description=f"IST of task {record.id}",  # never log the examples
                       retry=Retry(max=settings.job_retries) if settings.job_retries else None)
     response.headers["Location"] = f"/tasks/{record.id}"
@@ -110,11 +112,23 @@ def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset
     return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=limit)
 
 
+def _drop_queued_job(store: StoreDep, task_id: str) -> None:
+    """Delete the task's RQ job if it has not started, so that its examples leave Redis now. A started
+    job notices the cancellation at its next dev evaluation and stops."""
+    try:
+        job = Job.fetch(task_id, connection=store.r)
+    except NoSuchJobError:
+        return
+    if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        job.delete()
+
+
 @router.post("/{task_id}/cancel", response_model=TaskOut)
 def cancel_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
     record = _owned(store, tenant, task_id)
     if not store.cancel(task_id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is already {record.status.value}")
+    _drop_queued_job(store, task_id)
     return task_out(_owned(store, tenant, task_id))
 
 
@@ -122,6 +136,7 @@ def cancel_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
 def delete_task(task_id: str, store: StoreDep, tenant: TenantDep) -> Response:
     _owned(store, tenant, task_id)
     store.cancel(task_id)  # a running job stops at its next evaluation
+    _drop_queued_job(store, task_id)
     store.delete(task_id, tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -149,3 +149,29 @@ def test_multiple_choice_predictions_need_options(alice: httpx.Client, env_setti
     r = alice.post(f"/tasks/{tid}/predict", json={"inputs": ["which?"], "options": [["up", "down"]]})
     assert r.status_code == 200 and r.json()["predictions"][0]["output"] in ("up", "down")
     assert set(r.json()["predictions"][0]["probabilities"]) == {"up", "down"}
+
+
+def test_cancelled_queued_task_leaves_no_job_behind(alice: httpx.Client, env_settings: Settings) -> None:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    from service.redis_connection import connect
+
+    tid = create(alice, name="gone")["id"]
+    connection = connect(env_settings)
+    assert Job.fetch(tid, connection=connection).args[0] == tid  # the examples are in the job...
+    alice.post(f"/tasks/{tid}/cancel")
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(tid, connection=connection)  # ...and gone with it
+
+
+def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings: Settings) -> None:
+    from service.redis_connection import connect
+
+    run_worker_burst(env_settings)  # an empty queue first: only these three tasks are waiting
+    ids = [create(alice, name=f"batched_{i}")["id"] for i in range(3)]
+    run_worker_burst(env_settings)
+    connection = connect(env_settings)
+    for tid in ids:
+        assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
+        assert connection.hget(f"ipt:task:{tid}", "batch_tasks") == b"3"
