@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
-    """Refuse bodies over the limit with 413 before they are parsed: by Content-Length when given, else
-    by counting the bytes as they stream in."""
+    """Refuse bodies over the limit with a 413 naming it, before they are parsed: by Content-Length when
+    given; otherwise the streamed body is read up to the limit (so memory stays bounded) and replayed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -34,33 +35,41 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self._reject(send)
+                return
+            await self.app(scope, receive, send)
             return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._reject(send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._reject(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         response = JSONResponse({"detail": f"request body exceeds the limit of {self.max_bytes} bytes"}, 413)
         await response({"type": "http"}, _empty_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _empty_receive() -> Message:
@@ -74,14 +83,23 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = TaskStore(connect(settings))
-        app.state.runtime = runtime or load_runtime(settings)
-        metrics.MODEL_LOAD.set(app.state.runtime.load_seconds)
         app.state.prompt_cache = PromptCache(settings.prompt_cache_size)
-        app.state.batcher = MicroBatcher(app.state.runtime, settings.batch_max_size,
-                                         settings.batch_max_wait_ms / 1000)
-        app.state.batcher.start()
+        app.state.batcher = None
+
+        async def load() -> None:
+            # in the background: /livez answers at once, /readyz says 503 until the model is in
+            loaded = runtime or await asyncio.to_thread(load_runtime, settings)
+            metrics.MODEL_LOAD.set(loaded.load_seconds)
+            app.state.batcher = MicroBatcher(loaded, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
+                                             settings.batch_max_pending)
+            app.state.batcher.start()
+            app.state.runtime = loaded
+
+        loading = asyncio.create_task(load())
         yield
-        await app.state.batcher.stop()
+        loading.cancel()
+        if app.state.batcher is not None:
+            await app.state.batcher.stop()
 
     app = FastAPI(title="IPT service", version="0.1.0", lifespan=lifespan,
                   description="Learn a task from a few examples as a tiny vector; predict with one frozen LM.")

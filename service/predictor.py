@@ -4,9 +4,10 @@ micro-batcher that runs requests of many tasks in one forward pass, each row wit
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,8 +26,13 @@ class PromptCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def get_or_compute(self, task_id: str, version: int, compute: callable) -> Tensor:  # type: ignore[valid-type]
+    def get_or_compute(self, task_id: str, version: int, compute: Callable[[], Tensor]) -> Tensor:
+        with self._lock:
+            return self._get_or_compute(task_id, version, compute)
+
+    def _get_or_compute(self, task_id: str, version: int, compute: Callable[[], Tensor]) -> Tensor:
         key = (task_id, version)
         if key in self._items:
             self._items.move_to_end(key)
@@ -59,11 +65,12 @@ class MicroBatcher:
     """Collects items from concurrent requests for up to `max_wait_s` (or `max_size` items) and runs them
     as one batch on a single model thread."""
 
-    def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float) -> None:
+    def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float, max_pending: int = 4096) -> None:
         self.runtime = runtime
         self.max_size = max_size
         self.max_wait_s = max_wait_s
-        self.queue: asyncio.Queue[tuple[Item, asyncio.Future[Prediction]]] = asyncio.Queue()
+        # bounded: beyond it requests get 503 + Retry-After instead of growing memory and latency
+        self.queue: asyncio.Queue[tuple[Item, asyncio.Future[Prediction]]] = asyncio.Queue(max_pending)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipt-model")
         self._task: asyncio.Task[None] | None = None
 
@@ -77,6 +84,8 @@ class MicroBatcher:
 
     async def submit(self, items: Sequence[Item]) -> list[Prediction]:
         loop = asyncio.get_running_loop()
+        if self.queue.maxsize and self.queue.qsize() + len(items) > self.queue.maxsize:
+            raise asyncio.QueueFull
         futures = [loop.create_future() for _ in items]
         for item, fut in zip(items, futures, strict=True):
             self.queue.put_nowait((item, fut))
@@ -86,6 +95,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
+            batch = [(i, f) for i, f in batch if not f.done()]  # the request went away
+            if not batch:
+                continue
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_size:
                 remaining = deadline - time.monotonic()
@@ -103,11 +115,37 @@ class MicroBatcher:
                         fut.set_exception(exc)
                 continue
             for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
                     fut.set_result(result)
 
     def run_batch(self, items: list[Item]) -> list[Prediction]:
-        """One forward pass (per kind) over items of any number of tasks. Public for direct use and tests."""
+        """One forward pass (per kind) over items of any number of tasks; if it fails, each task's items
+        run on their own, so that one task's bad input cannot fail the others' requests."""
+        try:
+            return self._run_batch(items)
+        except Exception:
+            if len({i.key for i in items}) == 1:
+                raise
+        out: list[Prediction | BaseException] = []
+        by_key: dict[tuple[str, int], list[int]] = {}
+        for i, item in enumerate(items):
+            by_key.setdefault(item.key, []).append(i)
+        results: dict[int, Prediction] = {}
+        errors: dict[int, BaseException] = {}
+        for idx in by_key.values():
+            try:
+                for i, p in zip(idx, self._run_batch([items[i] for i in idx]), strict=True):
+                    results[i] = p
+            except Exception as exc:
+                errors.update(dict.fromkeys(idx, exc))
+        out = [results.get(i) or errors[i] for i in range(len(items))]
+        return out  # type: ignore[return-value]
+
+    def _run_batch(self, items: list[Item]) -> list[Prediction]:
         groups: dict[tuple[str, int], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.key, []).append(i)

@@ -27,7 +27,7 @@ class TrainingSettings(Strict):
     batch_size: int = Field(8, ge=1, le=64)
     eval_every: int = Field(10, ge=1, le=1000)
     patience: int = Field(5, ge=1, le=100)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class TaskCreate(Strict):

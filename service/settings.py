@@ -52,3 +52,4 @@ class Settings(BaseSettings):
     prompt_cache_size: int = Field(1024, description="soft prompts kept in memory (LRU)")
     batch_max_size: int = Field(32, description="inputs per micro-batched forward pass")
     batch_max_wait_ms: float = Field(5.0, description="how long a request waits for others to share its batch")
+    batch_max_pending: int = Field(4096, description="inputs waiting for the model; beyond: 503 + Retry-After")

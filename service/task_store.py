@@ -5,13 +5,14 @@ never a soft prompt. Keys:
     ipt:task:{id}            hash: owner, name, kind, status, labels, timings, scores, progress, version
     ipt:task:{id}:z          raw little-endian float32 bytes of z
     ipt:tenant:{owner}:tasks sorted set of the owner's task ids by creation time
-    ipt:idem:{owner}:{key}   task id created under an Idempotency-Key (24 h)
+    ipt:idem:{sha256(owner, key)} task id created under an Idempotency-Key (24 h)
 `version` grows each time a vector is written, so caches keyed by (id, version) never serve a stale
 prompt, on any replica.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -94,14 +95,6 @@ class TaskStore:
         """Create a queued task; returns (record, created). With an Idempotency-Key already used by this
         owner, returns the task created then and created=False."""
         task_id = uuid.uuid4().hex
-        if idempotency_key:
-            idem = f"ipt:idem:{owner}:{idempotency_key}"
-            if not self.r.set(idem, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
-                existing = self.r.get(idem)
-                record = self.get(existing.decode(), owner) if existing else None
-                if record is not None:
-                    return record, False
-                self.r.set(idem, task_id, ex=IDEMPOTENCY_TTL_S)  # the earlier task was deleted
         now = time.time()
         mapping = {"owner": owner, "name": name, "kind": kind, "status": TaskStatus.QUEUED.value,
                    "labels": json.dumps(labels) if labels else "", "d_intrinsic": d_intrinsic,
@@ -110,6 +103,17 @@ class TaskStore:
         pipe.hset(self._key(task_id), mapping=mapping)
         pipe.zadd(f"ipt:tenant:{owner}:tasks", {task_id: now})
         pipe.execute()
+        if idempotency_key:
+            # the task exists before the key points at it, so a concurrent request never sees a dangling key
+            digest = hashlib.sha256(f"{owner}\x00{idempotency_key}".encode()).hexdigest()
+            idem = f"ipt:idem:{digest}"
+            if not self.r.set(idem, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+                existing = self.r.get(idem)
+                earlier = self.get(existing.decode(), owner) if existing else None
+                if earlier is not None:
+                    self.delete(task_id, owner)
+                    return earlier, False
+                self.r.set(idem, task_id, ex=IDEMPOTENCY_TTL_S)  # the earlier task was deleted
         record = self.get(task_id)
         assert record is not None
         return record, True
@@ -173,10 +177,24 @@ class TaskStore:
                                {"status": TaskStatus.RUNNING.value, "started_at": time.time(),
                                 "progress_total": total_steps, "progress_step": 0, "batch_tasks": batch_tasks})
 
-    def claim(self, task_id: str) -> bool:
-        """Queued -> running, only if still queued: a worker takes a task into its batch."""
-        return self._update_if(task_id, {TaskStatus.QUEUED}, {"status": TaskStatus.RUNNING.value,
-                                                              "started_at": time.time()})
+    def claim(self, task_id: str, job_id: str) -> bool:
+        """Queued -> running, only if still queued: job `job_id` takes the task into its batch (and
+        remembers it, so that a retry of that job takes it again)."""
+        if not self._update_if(task_id, {TaskStatus.QUEUED}, {"status": TaskStatus.RUNNING.value,
+                                                              "started_at": time.time(), "claimed_by": job_id}):
+            return False
+        self.r.sadd(f"ipt:claims:{job_id}", task_id)
+        self.r.expire(f"ipt:claims:{job_id}", IDEMPOTENCY_TTL_S)
+        return True
+
+    def claims(self, job_id: str) -> list[str]:
+        """Tasks job `job_id` claimed into its batch that are still running."""
+        ids = sorted(i.decode() for i in self.r.smembers(f"ipt:claims:{job_id}"))
+        return [i for i in ids if (r := self.get(i)) is not None and r.status is TaskStatus.RUNNING]
+
+    def claimed_by(self, task_id: str) -> str | None:
+        value = self.r.hget(self._key(task_id), "claimed_by")
+        return value.decode() if value else None
 
     def set_progress(self, task_id: str, step: int, dev: float | None) -> None:
         self._update_if(task_id, {TaskStatus.RUNNING}, {"progress_step": step, "progress_dev": dev})

@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from rq import Queue, get_current_job
-from rq.job import Job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from ipt_engine.errors import IPTError
 from ipt_engine.ist import intrinsic_subspace_tune
@@ -21,9 +22,8 @@ from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, TrainConfig
 from service import metrics
 from service.redis_connection import connect
-from service.settings import Settings
 from service.task_store import TaskStatus, TaskStore
-from workers.runtime import load_runtime
+from workers.runtime import load_runtime, process_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,28 @@ def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> 
         metrics.IST_DURATION.observe(time.perf_counter() - start)
 
 
+def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
+    """RQ failure callback (also for jobs whose worker died): once no retry is left, the task is marked
+    failed instead of staying `running` for ever."""
+    if job.retries_left:
+        return
+    store = TaskStore(connection)
+    message = f"training failed after retries ({getattr(exc_type, '__name__', 'error')}); create the task again"
+    for task_id in [job.id, *store.claims(job.id)]:
+        store.mark_failed(task_id, "job_failed", message)
+
+
 def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
-    settings = Settings()
-    store = TaskStore(connect(settings))
+    settings = process_settings()
+    job = get_current_job()
+    store = TaskStore(job.connection if job is not None else connect(settings))
     record = store.get(task_id)
     if record is None or record.status.is_final:
         log.info("task %s is gone or final (%s); nothing to do", task_id, record and record.status)
+        return {"task_id": task_id, "status": "skipped"}
+    claimer = store.claimed_by(task_id)
+    if claimer and claimer != task_id and _is_running(claimer, store):
+        log.info("task %s is being trained in job %s's batch; nothing to do", task_id, claimer)
         return {"task_id": task_id, "status": "skipped"}
     runtime = load_runtime(settings)
     config = TrainConfig(learning_rate=training["learning_rate"], max_steps=training["max_steps"],
@@ -60,8 +76,9 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
             store.mark_failed(tid, "invalid_task", str(exc))
     if not batch:
         return {"task_id": task_id, "status": "failed"}
-    for tid, _ in batch:
-        store.mark_running(tid, config.max_steps, batch_tasks=len(batch))
+    batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.max_steps, batch_tasks=len(batch))]
+    if not batch:  # cancelled meanwhile
+        return {"task_id": task_id, "status": "skipped"}
     ids = [tid for tid, _ in batch]
     log.info("IST of %d task(s) %s in one batched run, process %d", len(batch), ids, os.getpid())
 
@@ -92,7 +109,25 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         else:
             stored = store.mark_succeeded(tid, result.z.numpy(), result.dev_score, result.steps)
             outcome[tid] = "succeeded" if stored else "discarded"
-    return {"task_id": task_id, "status": outcome[task_id], "batch": outcome}
+        if tid != task_id:
+            _delete_queued_job(tid, store)  # a claimed peer's own job (and its examples) is no longer needed
+    return {"task_id": task_id, "status": outcome.get(task_id, "skipped"), "batch": outcome}
+
+
+def _is_running(job_id: str, store: TaskStore) -> bool:
+    try:
+        return Job.fetch(job_id, connection=store.r).get_status() == JobStatus.STARTED
+    except NoSuchJobError:
+        return False
+
+
+def _delete_queued_job(job_id: str, store: TaskStore) -> None:
+    try:
+        job = Job.fetch(job_id, connection=store.r)
+    except NoSuchJobError:
+        return
+    if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+        job.delete()
 
 
 def _claim_peers(store: TaskStore, task_id: str, training: dict[str, Any], limit: int
@@ -100,20 +135,34 @@ def _claim_peers(store: TaskStore, task_id: str, training: dict[str, Any], limit
     """Other queued tasks with the same training settings, to train in this job's batch.
 
     A peer is claimed by moving its task from queued to running (atomically, so two workers never claim
-    the same task). Its own job stays in the queue: when it runs later it finds the task final and does
-    nothing; if this worker dies first, that job trains the task itself."""
+    the same task) and is recorded in this job's claims. Its own job stays queued until the batch ends
+    (then it is deleted); if it runs earlier it sees the claim of a running job and does nothing. If this
+    worker dies, the retry of this job takes its claimed peers again; when no retry is left, the failure
+    callback marks them failed."""
     job = get_current_job()
     if job is None or limit <= 0:
         return []
     queue = Queue(job.origin, connection=job.connection)
-    peers = []
+    peers: list[tuple[str, dict[str, Any]]] = []
+    own = store.get(task_id)
+    names = {own.name if own else ""}
+    for peer_id in store.claims(task_id):  # claimed by an earlier attempt of this job that died
+        try:
+            peer_args = Job.fetch(peer_id, connection=job.connection).args
+        except NoSuchJobError:
+            continue
+        if len(peer_args) == 3 and peer_args[2] == training and peer_args[1].get("name") not in names:
+            names.add(peer_args[1].get("name"))
+            peers.append((peer_id, peer_args[1]))
     for peer in Job.fetch_many(queue.get_job_ids(0, 4 * limit + 10), connection=job.connection):
+        if len(peers) >= limit:
+            break
         if peer is None or peer.id == task_id or peer.func_name != job.func_name or len(peer.args) != 3:
             continue
         peer_id, payload, peer_training = peer.args
-        if peer_training != training or not store.claim(peer_id):
+        # one run needs distinct task names (two tenants may use the same one)
+        if peer_training != training or payload.get("name") in names or not store.claim(peer_id, task_id):
             continue
+        names.add(payload.get("name"))
         peers.append((peer_id, payload))
-        if len(peers) >= limit:
-            break
     return peers

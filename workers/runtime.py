@@ -23,6 +23,18 @@ class Runtime:
 
 
 _runtimes: dict[tuple[str, str, str | None, str], Runtime] = {}
+_process_settings: Settings | None = None
+
+
+def set_process_settings(settings: Settings) -> None:
+    """The settings this worker process was started with (CLI flags included); jobs use them."""
+    global _process_settings
+    _process_settings = settings
+
+
+def process_settings() -> Settings:
+    """The worker's settings, or settings from the environment when none were set."""
+    return _process_settings or Settings()
 
 
 def load_runtime(settings: Settings) -> Runtime:
@@ -44,5 +56,7 @@ def load_runtime(settings: Settings) -> Runtime:
 
 
 def reset_runtime() -> None:
-    """Forget the loaded runtimes (tests)."""
+    """Forget the loaded runtimes and process settings (tests)."""
+    global _process_settings
     _runtimes.clear()
+    _process_settings = None

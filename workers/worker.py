@@ -16,7 +16,7 @@ from rq import Queue, SimpleWorker
 
 from service.redis_connection import connect
 from service.settings import Settings
-from workers.runtime import load_runtime
+from workers.runtime import load_runtime, set_process_settings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> bool:
 
         start_http_server(settings.worker_metrics_port)  # ipt_ist_jobs_total, ipt_ist_job_duration_seconds
     connection = connect(settings)
+    set_process_settings(settings)
     load_runtime(settings)  # before the first job, so that no job pays the load
     worker = SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection)
     return bool(worker.work(burst=burst, with_scheduler=True))

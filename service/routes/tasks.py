@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
-from rq import Queue, Retry
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from rq import Callback, Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -78,6 +82,8 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
     """Validate the examples, store the task as `queued` and enqueue its IST job (examples travel in the job only)."""
     _check_limits(body, settings)
     task = _build_task(body)
+    if task.labels and len(task.labels) > settings.max_options:
+        raise _too_large(f"{len(task.labels)} labels exceed the limit of {settings.max_options} options per task")
     d_i = runtime.subspace.config.d_intrinsic
     record, created = store.create(tenant, task.name, task.kind.value, list(task.labels) if task.labels else None,
                                    d_i, runtime.artifact_id, idempotency_key)
@@ -88,9 +94,13 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
         queue.enqueue("workers.jobs.train_task", record.id, task.to_dict(), training, job_id=record.id,
                       job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=60,
                       description=f"IST of task {record.id}",  # never log the examples
+                      on_failure=Callback("workers.jobs.on_job_failure"),
                       retry=Retry(max=settings.job_retries) if settings.job_retries else None)
     response.headers["Location"] = f"/tasks/{record.id}"
     return task_out(record)
+
+
+TaskId = PathParam(pattern=r"^[0-9a-f]{32}$", description="a task id as returned by POST /tasks")
 
 
 def _owned(store: StoreDep, tenant: str, task_id: str) -> TaskRecord:
@@ -101,7 +111,7 @@ def _owned(store: StoreDep, tenant: str, task_id: str) -> TaskRecord:
 
 
 @router.get("/{task_id}", response_model=TaskOut)
-def get_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
+def get_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskOut:
     return task_out(_owned(store, tenant, task_id))
 
 
@@ -124,7 +134,7 @@ def _drop_queued_job(store: StoreDep, task_id: str) -> None:
 
 
 @router.post("/{task_id}/cancel", response_model=TaskOut)
-def cancel_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
+def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskOut:
     record = _owned(store, tenant, task_id)
     if not store.cancel(task_id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is already {record.status.value}")
@@ -133,7 +143,7 @@ def cancel_task(task_id: str, store: StoreDep, tenant: TenantDep) -> TaskOut:
 
 
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_task(task_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Response:
     _owned(store, tenant, task_id)
     store.cancel(task_id)  # a running job stops at its next evaluation
     _drop_queued_job(store, task_id)
@@ -142,11 +152,11 @@ def delete_task(task_id: str, store: StoreDep, tenant: TenantDep) -> Response:
 
 
 @router.post("/{task_id}/predict", response_model=PredictResponse)
-async def predict_task(task_id: str, body: PredictRequest, store: StoreDep, tenant: TenantDep,
+async def predict_task(body: PredictRequest, store: StoreDep, tenant: TenantDep,
                        settings: SettingsDep, runtime: RuntimeDep, batcher: BatcherDep,
-                       cache: CacheDep) -> PredictResponse:
+                       cache: CacheDep, task_id: str = TaskId) -> PredictResponse:
     """Answer each input; option tasks also give the probability of each option. 409 until trained."""
-    record = _owned(store, tenant, task_id)
+    record = await run_in_threadpool(_owned, store, tenant, task_id)
     if record.status is not TaskStatus.SUCCEEDED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is {record.status.value}, not trained yet")
     if len(body.inputs) > settings.max_inputs_per_predict:
@@ -154,13 +164,20 @@ async def predict_task(task_id: str, body: PredictRequest, store: StoreDep, tena
     longest = max(len(t) for t in body.inputs)
     if longest > settings.max_text_chars:
         raise _too_large(f"an input of {longest} characters exceeds the limit of {settings.max_text_chars}")
+    if record.artifact_id != runtime.artifact_id:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} was trained in another subspace "
+                            f"({record.artifact_id}); create it again to use the current one")
     kind = TaskKind(record.kind)
     if kind is TaskKind.MULTIPLE_CHOICE:
         if body.options is None or len(body.options) != len(body.inputs):
             raise HTTPException(422, "a multiple-choice task needs 'options': one list of options per input")
         if any(len(o) < 2 or len(o) > settings.max_options for o in body.options):
             raise HTTPException(422, f"each input needs 2 to {settings.max_options} options")
-    stored = store.vector(task_id)
+        if any(len(x) > settings.max_text_chars for o in body.options for x in o):
+            raise _too_large(f"an option exceeds the limit of {settings.max_text_chars} characters")
+    elif body.options is not None:
+        raise HTTPException(422, f"'options' are for multiple-choice tasks; this task is {kind.value}")
+    stored = await run_in_threadpool(store.vector, task_id)
     if stored is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}")
     z, version = stored
@@ -170,19 +187,24 @@ async def predict_task(task_id: str, body: PredictRequest, store: StoreDep, tena
             zt = torch.from_numpy(z).to(runtime.backbone.device)[None]
             return runtime.subspace.decode(zt)[0]
 
-    prompt = cache.get_or_compute(task_id, version, compute)
+    prompt = await run_in_threadpool(cache.get_or_compute, task_id, version, compute)
     head = TaskHead(record.name, kind, tuple(record.labels) if record.labels else None)
     items = [Item((task_id, version), head, prompt,
                   Example(text, "", tuple(body.options[i]) if body.options else None))
              for i, text in enumerate(body.inputs)]
-    answers = await batcher.submit(items)
+    try:
+        answers = await batcher.submit(items)
+    except asyncio.QueueFull:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many predictions waiting; retry shortly",
+                            headers={"Retry-After": "1"}) from None
     return PredictResponse(task_id=task_id, predictions=[
         PredictionOut(output=a.output, probabilities=dict(zip(a.options, a.probabilities, strict=True))
                       if a.options and a.probabilities else None) for a in answers])
 
 
 @router.get("/{task_id}/similar", response_model=SimilarResponse)
-def similar_tasks(task_id: str, store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le=50)) -> SimilarResponse:
+def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le=50),
+                  task_id: str = TaskId) -> SimilarResponse:
     """The caller's k nearest trained tasks by cosine similarity of their intrinsic vectors."""
     _owned(store, tenant, task_id)
     vectors = store.vectors(tenant)

@@ -74,14 +74,24 @@ def server(env_settings: Settings) -> Iterator[str]:
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.time() + 60
+    base = f"http://127.0.0.1:{port}"
+    wait_until_ready(srv, base)
+    yield base
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def wait_until_ready(srv: uvicorn.Server, base: str, timeout: float = 180) -> None:
+    """Wait for start-up, then for /readyz (the model loads in the background)."""
+    deadline = time.time() + timeout
     while not srv.started:
         if time.time() > deadline:
             raise RuntimeError("the app did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    while httpx.get(f"{base}/readyz").status_code != 200:
+        if time.time() > deadline:
+            raise RuntimeError("the app did not become ready")
+        time.sleep(0.1)
 
 
 def client_for(base: str, key: str | None) -> httpx.Client:

@@ -104,6 +104,9 @@ def test_similar_tasks_by_cosine(alice: httpx.Client, env_settings: Settings) ->
     (task_body(training={"max_steps": 10_000}), 422, "max_steps"),
     ({"name": "x", "train": "not a list"}, 422, "train"),
     (task_body(kind="classification", labels=["a", "b"]), 422, "not one of the labels"),
+    (task_body(training={"seed": 2**64}), 422, "seed"),
+    (task_body(train=[{"input": f"x{i}", "output": f"label{i % 30}"} for i in range(60)], kind="classification"),
+     413, "30 labels exceed the limit of 20"),
 ])
 def test_bad_task_bodies_are_clear_4xx(alice: httpx.Client, body: dict, status: int, message: str) -> None:
     r = alice.post("/tasks", json=body)
@@ -117,6 +120,13 @@ def test_malformed_json_and_big_bodies(alice: httpx.Client) -> None:
     r = alice.post("/tasks", content=b"x" * 60_000, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "50000 bytes" in r.text
 
+    def chunks():  # no Content-Length: a streamed body is cut off at the limit too
+        for _ in range(10):
+            yield b"x" * 10_000
+
+    r = alice.post("/tasks", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "50000 bytes" in r.text
+
 
 def test_predict_limits(alice: httpx.Client, env_settings: Settings) -> None:
     tid = create(alice, name="limits")["id"]
@@ -124,7 +134,11 @@ def test_predict_limits(alice: httpx.Client, env_settings: Settings) -> None:
     assert alice.post(f"/tasks/{tid}/predict", json={"inputs": ["a"] * 9}).status_code == 413
     assert alice.post(f"/tasks/{tid}/predict", json={"inputs": []}).status_code == 422
     assert alice.post(f"/tasks/{tid}/predict", json={"inputs": ["x" * 501]}).status_code == 413
-    assert alice.post("/tasks/nope/predict", json={"inputs": ["a"]}).status_code == 404
+    assert alice.post("/tasks/nope/predict", json={"inputs": ["a"]}).status_code == 422  # not a task id
+    assert alice.post(f"/tasks/{'0' * 32}/predict", json={"inputs": ["a"]}).status_code == 404
+    assert alice.get(f"/tasks/{tid}:z").status_code == 422
+    r = alice.post(f"/tasks/{tid}/predict", json={"inputs": ["a"], "options": [["x", "y"]]})
+    assert r.status_code == 422 and "multiple-choice" in r.text
 
 
 def test_health_and_metrics(server: str) -> None:
@@ -175,3 +189,13 @@ def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings
     for tid in ids:
         assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
         assert connection.hget(f"ipt:task:{tid}", "batch_tasks") == b"3"
+
+
+def test_same_task_name_from_two_tenants_trains_in_one_batch(alice: httpx.Client, bob: httpx.Client,
+                                                               env_settings: Settings) -> None:
+    run_worker_burst(env_settings)
+    a = create(alice, name="shared_name")["id"]
+    b = create(bob, name="shared_name")["id"]
+    run_worker_burst(env_settings)
+    assert alice.get(f"/tasks/{a}").json()["status"] == "succeeded"
+    assert bob.get(f"/tasks/{b}").json()["status"] == "succeeded"

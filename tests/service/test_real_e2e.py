@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +17,7 @@ from ipt_engine.evaluation import evaluate
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import CategoryStudy
-from tests.service.conftest import run_worker_burst
+from tests.service.conftest import run_worker_burst, wait_until_ready
 
 pytestmark = pytest.mark.real_model
 
@@ -45,11 +44,9 @@ def real_server(real_settings: Settings) -> Iterator[str]:
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 120
-    while not server.started:
-        assert time.time() < deadline, "the app did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    wait_until_ready(server, base)
+    yield base
     server.should_exit = True
     thread.join(timeout=10)
 
