@@ -32,7 +32,7 @@ test-fast: install
 	$(PY) -m pytest -m "not real_model"
 
 lint: install
-	$(VENV)/bin/ruff check ipt_engine tests benchmarks
+	$(VENV)/bin/ruff check ipt_engine service workers tests benchmarks
 
 ## The engine end to end on the real SmolLM2: PT on related tasks, MSF, IST on a new task, evaluation.
 demo: install
