@@ -26,7 +26,8 @@ pytestmark = pytest.mark.real_model
 def real_settings(service_settings: Settings, category_study: CategoryStudy,
                   monkeypatch: pytest.MonkeyPatch) -> Settings:
     settings = service_settings.model_copy(update={"backbone": "smollm2", "subspace": category_study.artifact,
-                                                   "queue_name": "ipt-test-real", "device": None})
+                                                   "queue_name": "ipt-test-real", "device": None,
+                                                   "max_inputs_per_predict": 64})
     # the job reads its settings from the environment, as a worker process does
     monkeypatch.setenv("IPT_BACKBONE", "smollm2")
     monkeypatch.setenv("IPT_SUBSPACE", str(category_study.artifact))
