@@ -186,17 +186,18 @@ class Task:
             for ex in getattr(self, split):
                 yield split, ex
 
+    @property
+    def head(self) -> TaskHead:
+        """What answering this task needs: name, kind, labels."""
+        return TaskHead(self.name, self.kind, self.labels)
+
     def options_for(self, example: Example) -> tuple[str, ...] | None:
         """The answer options of an example: the task's labels, the example's options, or None."""
-        if self.kind is TaskKind.CLASSIFICATION:
-            return self.labels
-        if self.kind is TaskKind.MULTIPLE_CHOICE:
-            return example.options
-        return None
+        return self.head.options_for(example)
 
     def text_pair(self, example: Example) -> TextPair:
         """The (source, target) text of an example of this task."""
-        return to_text_pair(self.name, self.kind, example.input, example.output, self.options_for(example))
+        return self.head.text_pair(example)
 
     def with_dev_split(self, dev_fraction: float = 0.25, seed: int = 0) -> Task:
         """Return a copy whose dev set is split off the train set when it has none (stratified by output

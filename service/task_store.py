@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -155,6 +156,12 @@ class TaskStore:
     # ---------------------------------------------------------------------------------- state changes
     def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any]) -> bool:
         """Apply `mapping` only when the task exists and is in one of `allowed` states (atomically)."""
+        return self._transition(task_id, allowed, lambda pipe, key: pipe.hset(
+            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}))
+
+    def _transition(self, task_id: str, allowed: set[TaskStatus], write: Callable[[Any, str], Any]) -> bool:
+        """Run `write(pipeline, key)` in a transaction, only while the task is in an `allowed` state
+        (optimistic locking with WATCH: a concurrent change retries the check)."""
         key = self._key(task_id)
         with self.r.pipeline() as pipe:
             while True:
@@ -165,7 +172,7 @@ class TaskStore:
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    pipe.hset(key, mapping={k: ("" if v is None else v) for k, v in mapping.items()})
+                    write(pipe, key)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -201,24 +208,13 @@ class TaskStore:
 
     def mark_succeeded(self, task_id: str, z: np.ndarray, dev_score: float, steps: int) -> bool:
         """Store z and finish the task, unless it was cancelled or deleted meanwhile."""
-        key = self._key(task_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    status = pipe.hget(key, "status")
-                    if status is None or TaskStatus(status.decode()) not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.set(f"{key}:z", np.asarray(z, dtype="<f4").tobytes())
-                    pipe.hset(key, mapping={"status": TaskStatus.SUCCEEDED.value, "finished_at": time.time(),
-                                            "dev_score": dev_score, "steps": steps, "error": ""})
-                    pipe.hincrby(key, "version", 1)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        def write(pipe: Any, key: str) -> None:
+            pipe.set(f"{key}:z", np.asarray(z, dtype="<f4").tobytes())
+            pipe.hset(key, mapping={"status": TaskStatus.SUCCEEDED.value, "finished_at": time.time(),
+                                    "dev_score": dev_score, "steps": steps, "error": ""})
+            pipe.hincrby(key, "version", 1)
+
+        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write)
 
     def mark_failed(self, task_id: str, code: str, message: str) -> bool:
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},

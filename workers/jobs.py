@@ -110,7 +110,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
             stored = store.mark_succeeded(tid, result.z.numpy(), result.dev_score, result.steps)
             outcome[tid] = "succeeded" if stored else "discarded"
         if tid != task_id:
-            _delete_queued_job(tid, store)  # a claimed peer's own job (and its examples) is no longer needed
+            delete_queued_job(store.r, tid)  # a claimed peer's own job (and its examples) is no longer needed
     return {"task_id": task_id, "status": outcome.get(task_id, "skipped"), "batch": outcome}
 
 
@@ -121,9 +121,10 @@ def _is_running(job_id: str, store: TaskStore) -> bool:
         return False
 
 
-def _delete_queued_job(job_id: str, store: TaskStore) -> None:
+def delete_queued_job(connection: Any, job_id: str) -> None:
+    """Delete a job that has not started (its payload, the examples, goes with it)."""
     try:
-        job = Job.fetch(job_id, connection=store.r)
+        job = Job.fetch(job_id, connection=connection)
     except NoSuchJobError:
         return
     if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):

@@ -10,8 +10,6 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from rq import Callback, Queue, Retry
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
 
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.tasks import Example, Task, TaskHead, TaskKind, infer_kind
@@ -31,6 +29,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.task_store import TaskRecord, TaskStatus
+from workers.jobs import delete_queued_job
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -122,23 +121,12 @@ def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset
     return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=limit)
 
 
-def _drop_queued_job(store: StoreDep, task_id: str) -> None:
-    """Delete the task's RQ job if it has not started, so that its examples leave Redis now. A started
-    job notices the cancellation at its next dev evaluation and stops."""
-    try:
-        job = Job.fetch(task_id, connection=store.r)
-    except NoSuchJobError:
-        return
-    if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
-        job.delete()
-
-
 @router.post("/{task_id}/cancel", response_model=TaskOut)
 def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskOut:
     record = _owned(store, tenant, task_id)
     if not store.cancel(task_id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is already {record.status.value}")
-    _drop_queued_job(store, task_id)
+    delete_queued_job(store.r, task_id)  # its examples leave Redis now; a started job stops at its next eval
     return task_out(_owned(store, tenant, task_id))
 
 
@@ -146,7 +134,7 @@ def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Ta
 def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Response:
     _owned(store, tenant, task_id)
     store.cancel(task_id)  # a running job stops at its next evaluation
-    _drop_queued_job(store, task_id)
+    delete_queued_job(store.r, task_id)
     store.delete(task_id, tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
