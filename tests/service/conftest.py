@@ -3,10 +3,14 @@ backbone with a random subspace, the real app served by uvicorn on loopback, and
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,22 +67,36 @@ def env_settings(service_settings: Settings) -> Iterator[Settings]:
     mp.undo()
 
 
-@pytest.fixture(scope="session")
-def server(env_settings: Settings) -> Iterator[str]:
-    """The real app on a free loopback port."""
+@contextmanager
+def running_app(settings: Settings) -> Iterator[str]:
+    """The real app served by uvicorn on a free loopback port, ready (model loaded); yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(env_settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    wait_until_ready(srv, base)
-    yield base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        wait_until_ready(srv, base)
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def start_worker_process() -> subprocess.Popen[bytes]:
+    """`python -m workers` with this test session's environment (metrics port off)."""
+    env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
+    return subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def server(env_settings: Settings) -> Iterator[str]:
+    """The real app on a free loopback port."""
+    with running_app(env_settings) as base:
+        yield base
 
 
 def wait_until_ready(srv: uvicorn.Server, base: str, timeout: float = 180) -> None:

@@ -3,21 +3,17 @@ trained by IST through the API and predicts held-out inputs better than the zero
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.evaluation import evaluate
-from service.app import create_app
 from service.settings import Settings
 from tests.conftest import CategoryStudy
-from tests.service.conftest import run_worker_burst, wait_until_ready
+from tests.service.conftest import run_worker_burst, running_app
 
 pytestmark = pytest.mark.real_model
 
@@ -38,18 +34,8 @@ def real_settings(service_settings: Settings, category_study: CategoryStudy,
 
 @pytest.fixture()
 def real_server(real_settings: Settings) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(real_settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_until_ready(server, base)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_app(real_settings) as base:
+        yield base
 
 
 def test_real_task_trains_and_beats_the_zero_vector(real_server: str, real_settings: Settings,

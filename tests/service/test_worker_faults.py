@@ -3,10 +3,7 @@ retried by another worker and the task still ends `succeeded`."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,7 +12,7 @@ from rq.registry import StartedJobRegistry
 
 from service.redis_connection import connect
 from service.settings import Settings
-from tests.service.conftest import run_worker_burst
+from tests.service.conftest import run_worker_burst, start_worker_process
 from tests.service.test_api import task_body
 
 
@@ -30,9 +27,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
 def test_killed_worker_job_is_retried_and_succeeds(alice: httpx.Client, env_settings: Settings) -> None:
     body = task_body(name="survivor", training={"max_steps": 400, "eval_every": 1, "batch_size": 2, "patience": 100})
     tid = alice.post("/tasks", json=body).json()["id"]
-    env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
-    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    worker = start_worker_process()
     try:
         _wait_for(lambda: alice.get(f"/tasks/{tid}").json()["progress"]["step"] >= 2, 120, "the job to be running")
     finally:
@@ -57,9 +52,7 @@ def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: 
     """Warm shutdown: SIGTERM during a job; the job completes, then the worker exits cleanly."""
     body = task_body(name="warm", training={"max_steps": 60, "eval_every": 1, "batch_size": 2, "patience": 100})
     tid = alice.post("/tasks", json=body).json()["id"]
-    env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
-    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    worker = start_worker_process()
     try:
         _wait_for(lambda: alice.get(f"/tasks/{tid}").json()["progress"]["step"] >= 1, 120, "the job to be running")
         worker.send_signal(signal.SIGTERM)
