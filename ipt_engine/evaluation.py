@@ -77,9 +77,14 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
     return [[p for p in per_task if p is not None] for per_task in results]
 
 
+def reference_of(example: Example) -> str | list[str]:
+    """What a prediction is scored against: the output, or every acceptable output when there are several."""
+    return example.output if len(example.all_references) == 1 else list(example.all_references)
+
+
 def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequence[Prediction]) -> float:
     """The task's metric over its predictions, in [0, 1]."""
-    refs = [ex.output if len(ex.all_references) == 1 else list(ex.all_references) for ex in examples]
+    refs = [reference_of(ex) for ex in examples]
     return compute_metric(task.metric, [p.output for p in predictions], refs, labels=task.labels)
 
 

@@ -130,7 +130,6 @@ class MicroBatcher:
         except Exception:
             if len({i.key for i in items}) == 1:
                 raise
-        out: list[Prediction | BaseException] = []
         by_key: dict[tuple[str, int], list[int]] = {}
         for i, item in enumerate(items):
             by_key.setdefault(item.key, []).append(i)
@@ -142,8 +141,7 @@ class MicroBatcher:
                     results[i] = p
             except Exception as exc:
                 errors.update(dict.fromkeys(idx, exc))
-        out = [results.get(i) or errors[i] for i in range(len(items))]
-        return out  # type: ignore[return-value]
+        return [results.get(i) or errors[i] for i in range(len(items))]  # type: ignore[misc]
 
     def _run_batch(self, items: list[Item]) -> list[Prediction]:
         groups: dict[tuple[str, int], list[int]] = {}

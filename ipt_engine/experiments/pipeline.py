@@ -30,7 +30,7 @@ from torch import Tensor
 from ipt_engine.backbone import Backbone
 from ipt_engine.data.pool import TaskPool
 from ipt_engine.data.splits import load_split
-from ipt_engine.evaluation import evaluate
+from ipt_engine.evaluation import evaluate, reference_of
 from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.ist import intrinsic_subspace_tune
 from ipt_engine.metrics import compute_metric
@@ -53,7 +53,7 @@ def trivial_score(task: Task) -> float:
     if task.kind is TaskKind.MULTIPLE_CHOICE:
         return mean(1 / len(e.options or ("",)) for e in task.dev)
     guess = Counter(e.output for e in task.train).most_common(1)[0][0]
-    refs = [e.output if len(e.all_references) == 1 else list(e.all_references) for e in task.dev]
+    refs = [reference_of(e) for e in task.dev]
     return compute_metric(task.metric, [guess] * len(task.dev), refs, labels=task.labels)
 
 

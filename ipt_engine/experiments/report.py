@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean
 from typing import Any
 
 import numpy as np
@@ -199,6 +199,3 @@ def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
                      + " | ".join(ist) + f" | {_pct(recon)} |")
     return [*lines, ""]
 
-
-def spread(values: list[float]) -> float:
-    return pstdev(values) if len(values) > 1 else 0.0
