@@ -46,3 +46,19 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory with su
     """Write the Markdown report (tables, stability, PCA plot, per-task appendix) from a finished run."""
     path = write_report(run_dir, out)
     console.print(f"report written to {path}")
+
+
+@experiment_app.command()
+def export(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with summary.json)")],
+           out: Annotated[Path, typer.Option(help="artifact directory to write")],
+           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the run's best on unseen tasks)")]
+           = None,
+           pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the run's)")] = None,
+           ) -> None:
+    """Write one d_I's Proj_b as a service artifact: fp16 (checked against fp32 on the unseen tasks), no Proj,
+    with MODEL_CARD.md."""
+    from ipt_engine.experiments.export import export_artifact
+
+    logging.getLogger("ipt_engine").setLevel(logging.INFO)
+    path = export_artifact(run_dir, out, d_intrinsic, pool)
+    console.print(f"artifact written to {path} (see {path / 'MODEL_CARD.md'})")

@@ -11,6 +11,7 @@ prompt to reconstruct).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from ipt_engine.tasks import Task
 from ipt_engine.training import PromptParameters, TrainConfig, TrainResult, train_prompts
 
 DEFAULT_ALPHA = 200.0
+log = logging.getLogger(__name__)
 
 
 class ReconstructedPrompts(PromptParameters):
@@ -72,9 +74,14 @@ class MSFResult:
 
 def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig, subspace_config: SubspaceConfig,
                   *, task_prompts: Tensor | None = None, alpha: float = DEFAULT_ALPHA,
-                  z_init_std: float = 0.01) -> MSFResult:
+                  z_init_std: float = 0.01, recon_warmup_steps: int = 0, recon_warmup_lr: float = 1e-3
+                  ) -> MSFResult:
     """Run MSF. With Proj (default) `task_prompts` [T, n, d] are the tasks' PT prompts; without Proj
-    (`subspace_config.with_proj=False`) they are not needed."""
+    (`subspace_config.with_proj=False`) they are not needed.
+
+    `recon_warmup_steps` > 0 (with Proj only) first fits Proj and Proj_b to the reconstruction loss alone,
+    full batch, which needs no PLM forward: thousands of such steps cost less than one LM step on a CPU, so
+    the joint steps start from an autoencoder of the prompts instead of from random weights."""
     if subspace_config.d_model != backbone.hidden_size:
         raise ValueError(f"subspace d_model={subspace_config.d_model} but the backbone has d={backbone.hidden_size}")
     torch.manual_seed(config.seed)
@@ -87,6 +94,8 @@ def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig
         if tuple(task_prompts.shape) != expected:
             raise ValueError(f"task_prompts must have shape {expected}, got {tuple(task_prompts.shape)}")
         params = ReconstructedPrompts(subspace, task_prompts, alpha)
+        if recon_warmup_steps:
+            fit_reconstruction(subspace, task_prompts, recon_warmup_steps, recon_warmup_lr)
     else:
         params = JointVectors(subspace, len(tasks), z_init_std, config.seed)
     params = params.to(backbone.device)
@@ -98,6 +107,23 @@ def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig
         else:
             vectors = params.z_table.detach().cpu()
     return MSFResult(subspace, vectors.detach().clone(), result)
+
+
+def fit_reconstruction(subspace: IntrinsicSubspace, prompts: Tensor, steps: int, learning_rate: float = 1e-3) -> float:
+    """Train Proj and Proj_b on MSE(Proj_b(Proj(P)), P) alone over prompts [T, n, d] (full batch, Adam);
+    returns the final error."""
+    if subspace.proj is None:
+        raise ValueError("reconstruction needs a subspace with Proj")
+    target = prompts.detach().float().to(next(subspace.parameters()).device)
+    optimizer = torch.optim.Adam(subspace.parameters(), lr=learning_rate)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.mean((subspace.reconstruct(target) - target) ** 2)
+        loss.backward()
+        optimizer.step()
+    error = reconstruction_error(subspace, target)
+    log.info("MSF reconstruction warm-up: %d steps, MSE %.4g", steps, error)
+    return error
 
 
 @torch.no_grad()

@@ -127,8 +127,12 @@ class TaskPool:
         return json.loads((self.root / "tasks" / f"{file_stem(name)}.json").read_text())
 
     def few_shot(self, name: str, seed: int, k_per_class: int = 16, k_other: int = 32,
-                 max_test: int = DEFAULT_MAX_TEST) -> Task:
-        """The few-shot task for one seed: K-shot train and dev drawn with `seed`, and the task's fixed test set."""
+                 max_test: int = DEFAULT_MAX_TEST, dev_k_per_class: int | None = None,
+                 dev_k_other: int | None = None) -> Task:
+        """The few-shot task for one seed: K-shot train and dev drawn with `seed`, and the task's fixed test set.
+
+        The dev set has the train set's K unless `dev_k_per_class` / `dev_k_other` ask for fewer (a cheaper
+        model selection for CPU runs); it never changes the train or test examples."""
         data = self.load(name)
         kind = TaskKind(data["kind"])
         examples = [Example.from_dict(e) for e in data["examples"]]
@@ -137,7 +141,8 @@ class TaskPool:
         k = k_per_class if kind is TaskKind.CLASSIFICATION else k_other
         train = few_shot_sample(rest, kind, k, seed)
         chosen = set(map(id, train))
-        dev = few_shot_sample([e for e in rest if id(e) not in chosen], kind, k, seed + 100_003)
+        dev_k = (dev_k_per_class if kind is TaskKind.CLASSIFICATION else dev_k_other) or k
+        dev = few_shot_sample([e for e in rest if id(e) not in chosen], kind, min(dev_k, k), seed + 100_003)
         return Task(name, kind, train, dev, test, labels, MetricName(data["metric"]))
 
 

@@ -40,12 +40,15 @@ class ExperimentConfig:
     dtype: str = "float32"
     max_train_tasks: int | None = None  # cap on the split's train tasks (None: all)
     max_test_tasks: int | None = None  # cap on the split's held-out tasks
+    max_per_family: int | None = None  # at most this many subtasks of one BIG-bench task (family:subtask)
     prefer_short_inputs: bool = False  # with caps: take the tasks with the shortest inputs (CPU runs)
     data_seed: int = 0  # few-shot train/dev of the main runs
     unseen_data_seed: int = 1  # train/dev of the "seen tasks, unseen data" challenge (same test sets)
     stability_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # training seeds, PT vs IPT-init PT
     k_per_class: int = 16
     k_other: int = 32
+    dev_k_per_class: int | None = None  # a smaller dev set than K for model selection (None: K, as in the paper)
+    dev_k_other: int | None = None
     max_test: int = 200  # test examples per task
     max_new_tokens: int = 32  # greedy decoding length for generation tasks
     n_prompt: int = 100
@@ -53,6 +56,8 @@ class ExperimentConfig:
     d_hidden: int = 768
     alpha: float = 200.0
     with_proj: bool = True
+    msf_recon_warmup_steps: int = 0  # MSF with Proj: steps fitting Proj/Proj_b to the prompts alone first
+    ist_seen_tasks: int | None = None  # cap on the train tasks re-learnt by IST in the two "seen" challenges
     tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
     pt: StageSettings = field(default_factory=lambda: StageSettings(0.3, 1000))
     msf: StageSettings = field(default_factory=lambda: StageSettings(1e-3, 1000, tasks_per_step=8))

@@ -57,6 +57,19 @@ def trivial_score(task: Task) -> float:
     return compute_metric(task.metric, [guess] * len(task.dev), refs, labels=task.labels)
 
 
+def cap_per_family(names: Sequence[str], limit: int) -> list[str]:
+    """At most `limit` subtasks of each BIG-bench task family ("family:subtask"), in sorted order: families
+    with many subtasks (arithmetic, natural_instructions) would otherwise crowd a small run."""
+    taken: Counter[str] = Counter()
+    kept = []
+    for n in sorted(names):
+        family = n.split(":")[0]
+        if taken[family] < limit:
+            taken[family] += 1
+            kept.append(n)
+    return kept
+
+
 class ExperimentRun:
     """One run of a config in a directory; stages are methods, each cached on disk."""
 
@@ -81,17 +94,33 @@ class ExperimentRun:
     # ------------------------------------------------------------------------------------------ helpers
     def _select(self, names: list[str], cap: int | None) -> list[str]:
         names = [n for n in names if n in self.pool.entries]
+        if self.config.max_per_family is not None:
+            names = cap_per_family(names, self.config.max_per_family)
         if cap is None or cap >= len(names):
             return sorted(names)
         if self.config.prefer_short_inputs:
-            # the shortest tasks of each kind, taken in turn (classification, multiple choice, generation),
-            # so that a small CPU run still covers every kind
-            def input_length(n: str) -> float:
-                exs = self.pool.load(n)["examples"][:50]
-                return mean(len(e["input"]) + len(e["output"]) for e in exs)
-            by_kind = {k: sorted((n for n in names if self.pool.kind(n) is k), key=input_length) for k in TaskKind}
-            names = [n for group in itertools.zip_longest(*by_kind.values()) for n in group if n is not None]
+            names = self._by_kind_shortest_first(names)
         return sorted(names[:cap])
+
+    def _by_kind_shortest_first(self, names: list[str]) -> list[str]:
+        """The shortest tasks of each kind, taken in turn (classification, multiple choice, generation), so
+        that a small CPU run still covers every kind."""
+        def input_length(n: str) -> float:
+            exs = self.pool.load(n)["examples"][:50]
+            return mean(len(e["input"]) + len(e["output"]) for e in exs)
+        by_kind = {k: sorted((n for n in names if self.pool.kind(n) is k), key=input_length) for k in TaskKind}
+        return [n for group in itertools.zip_longest(*by_kind.values()) for n in group if n is not None]
+
+    @property
+    def seen_ist_names(self) -> list[str]:
+        """The train tasks that IST re-learns in the two "seen" challenges: all, or `ist_seen_tasks` of them
+        taken in turn from each kind (so a cap still covers classification, multiple choice and generation)."""
+        cap = self.config.ist_seen_tasks
+        if cap is None or cap >= len(self.train_names):
+            return self.train_names
+        by_kind = [[n for n in self.train_names if self.pool.kind(n) is k] for k in TaskKind]
+        order = [n for group in itertools.zip_longest(*by_kind) for n in group if n is not None]
+        return sorted(order[:cap])
 
     @property
     def backbone(self) -> Backbone:
@@ -104,8 +133,9 @@ class ExperimentRun:
         for n in names:
             key = (n, data_seed)
             if key not in self._task_cache:
-                self._task_cache[key] = self.pool.few_shot(n, data_seed, self.config.k_per_class,
-                                                           self.config.k_other, self.config.max_test)
+                cfg = self.config
+                self._task_cache[key] = self.pool.few_shot(n, data_seed, cfg.k_per_class, cfg.k_other, cfg.max_test,
+                                                           cfg.dev_k_per_class, cfg.dev_k_other)
             out.append(self._task_cache[key])
         return out
 
@@ -186,7 +216,8 @@ class ExperimentRun:
 
         def run() -> Any:
             return find_subspace(self.backbone, tasks, cfg.msf.train_config(cfg.data_seed, cfg.max_new_tokens),
-                                 sub_cfg, task_prompts=prompts, alpha=cfg.alpha)
+                                 sub_cfg, task_prompts=prompts, alpha=cfg.alpha,
+                                 recon_warmup_steps=cfg.msf_recon_warmup_steps)
 
         result = self._timed("msf", run)
         summary: dict[str, Any] = {"mean_dev_score": result.train.mean_dev_score, "steps": result.train.steps}
@@ -219,8 +250,8 @@ class ExperimentRun:
     def ist(self, d: int, artifact: Path, challenge: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         cfg = self.config
         names, seed = {
-            "seen_same_data": (self.train_names, cfg.data_seed),
-            "seen_unseen_data": (self.train_names, cfg.unseen_data_seed),
+            "seen_same_data": (self.seen_ist_names, cfg.data_seed),
+            "seen_unseen_data": (self.seen_ist_names, cfg.unseen_data_seed),
             "unseen_tasks": (self.test_names, cfg.data_seed),
         }[challenge]
         proj_b = load_artifact(artifact).subspace.proj_b
@@ -247,7 +278,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
     baselines = run.baselines()
     all_names = sorted(set(run.train_names) | set(run.test_names))
     pt_main, prompts_main = run.prompt_tuning("main", all_names, cfg.data_seed, cfg.stability_seeds[0])
-    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.train_names, cfg.unseen_data_seed,
+    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.seen_ist_names, cfg.unseen_data_seed,
                                           cfg.stability_seeds[0])
     per_d: dict[str, Any] = {}
     ist_vectors: dict[int, dict[str, Tensor]] = {}
@@ -264,11 +295,12 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
 
     learnable = {n: pt_main[n]["dev"] > baselines[f"{n}@{cfg.data_seed}"] for n in all_names}
     learnable_unseen_data = {n: pt_unseen_data[n]["dev"] > baselines[f"{n}@{cfg.unseen_data_seed}"]
-                             for n in run.train_names}
+                             for n in run.seen_ist_names}
     best_d = _best_unseen_d(per_d, pt_main, learnable, run.test_names)
-    stability = _stability(run, cfg, best_d, ist_vectors[best_d])
+    stability = _stability(run, cfg, best_d, ist_vectors[best_d], pt_main)
     summary = {
         "config": cfg.to_dict(), "train_tasks": run.train_names, "test_tasks": run.test_names,
+        "seen_ist_tasks": run.seen_ist_names,
         "kinds": {n: run.pool.kind(n).value for n in all_names},
         "baselines": baselines, "pt": {"main": pt_main, "unseen-data": pt_unseen_data},
         "learnable": learnable, "learnable_unseen_data": learnable_unseen_data,
@@ -289,14 +321,20 @@ def _best_unseen_d(per_d: dict[str, Any], pt: dict[str, Any], learnable: dict[st
     return int(max(per_d, key=lambda d: (rel(d), -int(d))))
 
 
-def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, Tensor]) -> dict[str, Any]:
-    """PT vs IPT-initialised PT (from Proj_b(z) of IST at d_I = d) over training seeds, on the unseen tasks."""
+def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, Tensor],
+               pt_main: dict[str, Any]) -> dict[str, Any]:
+    """PT vs IPT-initialised PT (from Proj_b(z) of IST at d_I = d) over training seeds, on the unseen tasks.
+
+    The first seed's PT is the main PT run (same data, same seed; a task trains the same alone or batched)."""
     proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
     with torch.no_grad():
         initial = {n: proj_b(z[n][None])[0] for n in run.test_names}
     pt_runs, ipt_runs = {}, {}
     for seed in cfg.stability_seeds:
-        pt_runs[str(seed)], _ = run.prompt_tuning(f"stability-seed{seed}", run.test_names, cfg.data_seed, seed)
+        if seed == cfg.stability_seeds[0]:
+            pt_runs[str(seed)] = {n: pt_main[n] for n in run.test_names}
+        else:
+            pt_runs[str(seed)], _ = run.prompt_tuning(f"stability-seed{seed}", run.test_names, cfg.data_seed, seed)
         ipt_runs[str(seed)], _ = run.prompt_tuning(f"dI{d}-seed{seed}", run.test_names, cfg.data_seed, seed,
                                                    initial=initial, stage="ipt_pt")
     per_task = {}

@@ -192,7 +192,7 @@ def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
     for name in [*summary["train_tasks"], *summary["test_tasks"]]:
         pt = summary["pt"]["main"][name]
         challenge = "seen_same_data" if name in summary["train_tasks"] else "unseen_tasks"
-        ist = [_pct(summary["per_d"][str(d)][challenge][name]["test"]) for d in ds]
+        ist = [_pct(summary["per_d"][str(d)][challenge].get(name, {}).get("test")) for d in ds]
         recon = summary["per_d"][str(ds[-1])]["recon"].get(name)
         lines.append(f"| {name} | {summary['kinds'][name]} | {_pct(summary['baselines'][f'{name}@{seed}'])} | "
                      f"{_pct(pt['dev'])} | {_pct(pt['test'])} | {'yes' if summary['learnable'][name] else 'no'} | "

