@@ -19,7 +19,8 @@ from service.settings import Settings
 
 Host = Annotated[str, typer.Option(help="address to listen on")]
 Port = Annotated[int, typer.Option(help="port to listen on")]
-Subspace = Annotated[Path | None, typer.Option(help="subspace artifact directory (default: $IPT_SUBSPACE)")]
+Subspace = Annotated[Path | None, typer.Option(
+    help="subspace artifact directory (default: $IPT_SUBSPACE, else the shipped artifacts/smollm2-bigbench)")]
 
 
 def _settings(subspace: Path | None) -> Settings:
@@ -27,7 +28,9 @@ def _settings(subspace: Path | None) -> Settings:
     if subspace is not None:
         settings.subspace = subspace
     if settings.subspace is None:
-        raise typer.BadParameter("no subspace: pass --subspace DIR (written by `ipt msf`) or set IPT_SUBSPACE")
+        raise typer.BadParameter("no subspace: the shipped artifacts/smollm2-bigbench is missing from this checkout; "
+                                 "pass --subspace DIR (written by `ipt msf` or `ipt experiment export`) or set "
+                                 "IPT_SUBSPACE")
     return settings
 
 

@@ -10,6 +10,14 @@ from platformdirs import user_data_dir
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_SUBSPACE = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-bigbench"
+"""The subspace shipped with the service: Proj_b for SmolLM2-135M trained on BIG-bench tasks (see its
+MODEL_CARD.md and docs/results.md)."""
+
+
+def _default_subspace() -> Path | None:
+    return DEFAULT_SUBSPACE if (DEFAULT_SUBSPACE / "subspace.json").is_file() else None
+
 
 def hash_api_key(key: str) -> str:
     """API keys are configured and compared as sha256 hex digests; the keys themselves are never stored."""
@@ -32,7 +40,8 @@ class Settings(BaseSettings):
     backbone: str = "smollm2"
     device: str | None = None
     dtype: str = "float32"
-    subspace: Path | None = Field(None, description="subspace artifact directory (Proj_b)")
+    subspace: Path | None = Field(default_factory=_default_subspace,
+                                  description="subspace artifact directory (Proj_b); default: the shipped one")
 
     # tenancy: {sha256(api key): tenant}; open mode serves everyone as tenant 'public'
     api_keys: dict[str, str] = Field(default_factory=dict)
