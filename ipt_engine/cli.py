@@ -147,7 +147,7 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
     bb = _backbone(backbone, device, dtype)
     art = load_artifact(subspace, backbone_id=bb.backbone_id, embeddings=bb.input_embeddings)
     known = None
-    if init is ZInit.MEAN:
+    if init in (ZInit.MEAN, ZInit.NEAREST):
         vectors = load_named(subspace / VECTORS_FILE)
         known = stack_for(sorted(vectors), vectors, "vectors")
     config = TrainConfig(learning_rate=lr, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every,

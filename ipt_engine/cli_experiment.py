@@ -62,3 +62,20 @@ def export(run_dir: Annotated[Path, typer.Argument(help="a finished run director
     logging.getLogger("ipt_engine").setLevel(logging.INFO)
     path = export_artifact(run_dir, out, d_intrinsic, pool)
     console.print(f"artifact written to {path} (see {path / 'MODEL_CARD.md'})")
+
+
+@experiment_app.command()
+def ablate(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with summary.json)")],
+           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the run's best on unseen tasks)")]
+           = None,
+           only: Annotated[list[str] | None, typer.Option(help="lever name (repeatable; default: every lever)")] = None,
+           pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the run's)")] = None,
+           ) -> None:
+    """Try the paper's levers (IST step size and steps, z init from the mean or the nearest train vector, MSF
+    without Proj, alpha) on the run's unseen tasks; cached in RUN_DIR/ablations, listed by the report."""
+    from ipt_engine.experiments.ablations import run_levers
+
+    logging.getLogger("ipt_engine").setLevel(logging.INFO)
+    for r in run_levers(run_dir, pool, d_intrinsic, only):
+        rel = "n/a" if r["e_rel"] is None else f"{100 * r['e_rel']:.1f}%"
+        console.print(f"  {r['lever']:<18} E_rel^PT {rel:>7}  ({r['tasks_counted']} tasks, {r['seconds']} s)")

@@ -32,6 +32,7 @@ class ZInit(StrEnum):
     ZEROS = "zeros"
     NORMAL = "normal"  # small normal noise (std `init_std`)
     MEAN = "mean"  # the mean of known task vectors (e.g. the train tasks' z from MSF)
+    NEAREST = "nearest"  # the known vector whose prompt best fits the task's train examples (needs the PLM)
 
 
 class IntrinsicVectors(PromptParameters):
@@ -66,11 +67,36 @@ def initial_vectors(num_tasks: int, d_intrinsic: int, init: ZInit | str = ZInit.
             return torch.randn(num_tasks, d_intrinsic, generator=torch.Generator().manual_seed(seed)) * init_std
         rows = [torch.randn(d_intrinsic, generator=g) for g in task_generators(seed, task_names)]
         return torch.stack(rows) * init_std
+    if init is ZInit.NEAREST:
+        raise ValueError("z init 'nearest' needs the PLM: use nearest_known_vectors() or intrinsic_subspace_tune()")
     if known_vectors is None or known_vectors.numel() == 0:
         raise ValueError("z init 'mean' needs known task vectors (e.g. the z of the subspace's train tasks)")
     if known_vectors.dim() != 2 or known_vectors.shape[-1] != d_intrinsic:
         raise ValueError(f"known vectors must be [num_known, d_I={d_intrinsic}], got {tuple(known_vectors.shape)}")
     return known_vectors.float().mean(0, keepdim=True).cpu().repeat(num_tasks, 1)
+
+
+@torch.no_grad()
+def nearest_known_vectors(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, known_vectors: Tensor, *,
+                          max_examples: int = 16) -> Tensor:
+    """For each task, the known vector whose prompt Proj_b(z) gives the task's first `max_examples` train
+    targets the highest log-likelihood per token: [num_tasks, d_I] (rows of known_vectors [num_known, d_I]).
+
+    Costs num_known x max_examples forward rows per task, no backward."""
+    if known_vectors.dim() != 2 or known_vectors.shape[0] == 0:
+        raise ValueError(f"known vectors must be a non-empty [num_known, d_I] matrix, got {tuple(known_vectors.shape)}")
+    device = next(proj_b.parameters()).device
+    prompts = proj_b(known_vectors.float().to(device)).to(backbone.device)  # [num_known, n, d]
+    chosen = []
+    for task in tasks:
+        pairs = [task.text_pair(e) for e in task.train[:max_examples]]
+        sources, targets = [p.source for p in pairs], [p.target for p in pairs]
+        per_token = []
+        for k in range(prompts.shape[0]):
+            ll, count = backbone.target_log_likelihood(prompts[k:k + 1].expand(len(pairs), -1, -1), sources, targets)
+            per_token.append(float(ll.sum() / count.sum().clamp(min=1)))
+        chosen.append(known_vectors[max(range(len(per_token)), key=per_token.__getitem__)])
+    return torch.stack(chosen).float().cpu()
 
 
 @dataclass
@@ -92,6 +118,10 @@ def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: P
                             ) -> list[ISTResult]:
     """IST of every task in one batched run. Returns one ISTResult per task, in order."""
     d_i = proj_b.config.d_intrinsic
+    if initial_z is None and ZInit(init) is ZInit.NEAREST:
+        if known_vectors is None:
+            raise ValueError("z init 'nearest' needs known task vectors (e.g. the z of the subspace's train tasks)")
+        initial_z = nearest_known_vectors(backbone, tasks, proj_b, known_vectors)
     if initial_z is None:
         initial_z = initial_vectors(len(tasks), d_i, init, known_vectors=known_vectors, seed=config.seed,
                                     task_names=[t.name for t in tasks])

@@ -147,6 +147,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         + (f", reconstruction MSE {summary['per_d'][str(d)]['msf']['reconstruction_mse']:.4g}"
            if "reconstruction_mse" in summary["per_d"][str(d)]["msf"] else "") for d in ds), ""]
     lines += _stability_section(summary)
+    lines += _levers_section(run_dir, summary)
     if plot is not None:
         lines += ["## Intrinsic vectors (PCA)", "", f"![PCA of intrinsic vectors]({plot.name})", "",
                   f"Train tasks: Proj(P_i) from MSF; unseen tasks (stars): their IST z; d_I = {summary['best_d']}.", ""]
@@ -181,6 +182,26 @@ def _stability_section(summary: dict[str, Any]) -> list[str]:
     lines += ["", f"E_rel^PT of IPT-initialised PT (learnable unseen tasks): "
               f"{_pct(mean(ratios)) if ratios else 'n/a'}%", ""]
     return lines
+
+
+def _levers_section(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """The levers tried by `ipt experiment ablate` (ablations/*.json), against the run's own IST."""
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "ablations").glob("*.json"))]
+    if not results:
+        return []
+    d = results[0]["d_intrinsic"]
+    ref = next((r for r in headline_rows(summary) if r["challenge"] == "unseen_tasks" and r["d"] == d), None)
+    lines = [f"## Levers tried on the unseen tasks at d_I = {d}", "",
+             "Each row changes one thing against the run's own IST (first row) and re-learns the unseen tasks; "
+             "computed by `ipt experiment ablate`.", "",
+             "| lever | what changes | E_rel^PT % | E_abs % | tasks | seconds |", "|---|---|---|---|---|---|"]
+    if ref:
+        lines.append(f"| (run) | IST as configured: lr {summary['config']['ist']['learning_rate']}, z from 0 | "
+                     f"{_pct(ref['e_rel'])} | {_pct(ref['e_abs'])} | {ref['tasks']} | |")
+    for r in sorted(results, key=lambda r: r["lever"]):
+        lines.append(f"| {r['lever']} | {r['description']} | {_pct(r['e_rel'])} | {_pct(r['e_abs'])} | "
+                     f"{r['tasks_counted']} | {r['seconds']} |")
+    return [*lines, ""]
 
 
 def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:

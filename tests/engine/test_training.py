@@ -9,7 +9,7 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.errors import InvalidTaskError, NonFiniteLossError
 from ipt_engine.evaluation import evaluate
-from ipt_engine.ist import ZInit, initial_vectors, intrinsic_subspace_tune
+from ipt_engine.ist import ZInit, initial_vectors, intrinsic_subspace_tune, nearest_known_vectors
 from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.prompt_tuning import ipt_initialised_prompt_tune, prompt_tune, sample_vocab_prompts
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
@@ -118,6 +118,21 @@ def test_z_initialisation_options() -> None:
     assert torch.equal(initial_vectors(2, 3, "mean", known_vectors=known), torch.tensor([[2.0, 3.0, 4.0]] * 2))
     with pytest.raises(ValueError, match="needs known task vectors"):
         initial_vectors(1, 3, "mean")
+
+
+def test_nearest_init_picks_the_known_vector_that_fits_the_task(tiny_causal: Backbone) -> None:
+    sub = _subspace(tiny_causal)
+    task = make_task("a")
+    config = TrainConfig(learning_rate=0.5, max_steps=8, batch_size=4, eval_every=8, patience=5, eval_at_start=False)
+    (fitted,) = intrinsic_subspace_tune(tiny_causal, [task], sub.proj_b, config)
+    far = torch.randn(2, 4, generator=torch.Generator().manual_seed(3)) * 5
+    known = torch.stack([far[0], fitted.z, far[1]])
+    chosen = nearest_known_vectors(tiny_causal, [task, task], sub.proj_b, known)
+    assert torch.equal(chosen, torch.stack([fitted.z, fitted.z]))
+    with pytest.raises(ValueError, match="needs the PLM"):
+        initial_vectors(1, 4, "nearest", known_vectors=known)
+    with pytest.raises(ValueError, match="needs known task vectors"):
+        intrinsic_subspace_tune(tiny_causal, [task], sub.proj_b, config, init="nearest")
 
 
 def test_msf_learns_to_reconstruct_prompts(tiny_causal: Backbone) -> None:

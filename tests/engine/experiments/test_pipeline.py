@@ -10,6 +10,7 @@ import pytest
 
 from ipt_engine.data.pool import TaskPool, prepare_pool
 from ipt_engine.data.splits import make_splits, save_splits
+from ipt_engine.experiments.ablations import run_levers
 from ipt_engine.experiments.config import ExperimentConfig, StageSettings, load_config
 from ipt_engine.experiments.export import export_artifact
 from ipt_engine.experiments.pipeline import cap_per_family, run_experiment, trivial_score
@@ -98,6 +99,19 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     assert set(check["test_fp32"]) == set(summary["test_tasks"]) and check["max_abs_prompt_difference"] < 1e-2
     card = (out / "MODEL_CARD.md").read_text()
     assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
+
+    levers = run_levers(run_dir, only=["ist-lr-0.1", "init-nearest", "msf-without-proj"])
+    assert [r["lever"] for r in levers] == ["ist-lr-0.1", "init-nearest", "msf-without-proj"]
+    for r in levers:
+        assert set(r["per_task"]) == set(summary["test_tasks"])
+        assert (run_dir / "ablations" / f"{r['lever']}.json").is_file()
+    assert levers[0]["ist"]["learning_rate"] == 0.1
+    assert (run_dir / "ablations" / "msf-msf-without-proj" / "dI2" / "subspace.json").is_file()
+    again = run_levers(run_dir, only=["ist-lr-0.1"])  # cached: read back, not recomputed
+    assert again[0] == levers[0]
+    assert "## Levers tried" in write_report(run_dir).read_text()
+    with pytest.raises(ValueError, match="unknown lever"):
+        run_levers(run_dir, only=["nope"])
 
 
 def test_max_per_family_caps_subtasks() -> None:
