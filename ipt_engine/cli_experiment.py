@@ -42,9 +42,11 @@ def run(config: Annotated[str, typer.Argument(help="config name (smoke, paper-sm
 @experiment_app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory with summary.json")],
            out: Annotated[Path | None, typer.Option(help="Markdown file to write (default RUN_DIR/report.md)")] = None,
+           notes: Annotated[Path | None, typer.Option(help="a Markdown discussion to include after the comparison "
+                                                           "with the paper")] = None,
            ) -> None:
     """Write the Markdown report (tables, stability, PCA plot, per-task appendix) from a finished run."""
-    path = write_report(run_dir, out)
+    path = write_report(run_dir, out, notes)
     console.print(f"report written to {path}")
 
 

@@ -102,8 +102,38 @@ def pca_plot(run_dir: Path, summary: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the Markdown report (and its PCA plot next to it); returns the report path."""
+PAPER = {  # the paper's headline figures (BART-base, 120 CrossFit tasks, d_I = 250), as DESIGN.md quotes them
+    "seen_unseen_data": 0.97, "unseen_tasks": 0.83, "pt_std": 4.19, "ipt_pt_std": 1.65, "ipt_pt_e_rel": 1.034}
+
+
+def paper_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (figure, paper, this run) for the paper's headline numbers; the run's d_I = 250 if it has it,
+    else its largest d_I."""
+    d = 250 if "250" in summary["per_d"] else max(int(k) for k in summary["per_d"])
+    rows = {(r["challenge"], r["d"]): r for r in headline_rows(summary)}
+    out = []
+    for challenge, title in (("seen_unseen_data", "E_rel^PT, seen tasks with unseen data"),
+                             ("unseen_tasks", "E_rel^PT, unseen tasks")):
+        r = rows.get((challenge, d))
+        out.append({"figure": f"{title} (d_I = {d})", "paper": f"{100 * PAPER[challenge]:.0f}%",
+                    "run": "n/a" if not r or r["e_rel"] is None else f"{100 * r['e_rel']:.1f}%"})
+    st = summary["stability"]
+    per_task = list(st["per_task"].values())
+    if per_task:
+        out.append({"figure": "mean std over seeds, PT", "paper": f"{PAPER['pt_std']:.2f}",
+                    "run": f"{mean(r['pt_std'] for r in per_task):.2f}"})
+        out.append({"figure": f"mean std over seeds, IPT-initialised PT (d_I = {st['d_intrinsic']})",
+                    "paper": f"{PAPER['ipt_pt_std']:.2f}", "run": f"{mean(r['ipt_pt_std'] for r in per_task):.2f}"})
+        ratios = [mean(r["ipt_pt"]) / mean(r["pt"]) for n, r in st["per_task"].items()
+                  if summary["learnable"].get(n) and mean(r["pt"]) > 0]
+        out.append({"figure": "E_rel^PT of IPT-initialised PT", "paper": f"{100 * PAPER['ipt_pt_e_rel']:.1f}%",
+                    "run": f"{100 * mean(ratios):.1f}%" if ratios else "n/a"})
+    return out
+
+
+def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = None) -> Path:
+    """Write the Markdown report (and its PCA plot next to it); returns the report path. `notes`, a Markdown
+    file, is included as the discussion after the comparison with the paper."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} is missing: run `ipt experiment run` to completion first")
@@ -128,6 +158,12 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
               f"{cfg['k_other']} otherwise; up to {cfg['max_test']} test examples per task",
               f"- Learnability filter: {len(filtered)} of {len(all_names)} tasks have a PT dev score not above "
               f"a trivial baseline and are left out of E_rel and E_abs: {', '.join(filtered) or 'none'}", ""]
+    lines += ["## Comparison with the paper's headline figures", "",
+              "| figure | paper (BART-base, 120 tasks) | this run |", "|---|---|---|"]
+    lines += [f"| {r['figure']} | {r['paper']} | {r['run']} |" for r in paper_comparison(summary)]
+    lines += [""]
+    if notes is not None:
+        lines += [notes.read_text().strip(), ""]
     lines += ["## E_rel^PT and E_abs by intrinsic dimension (cf. the paper's Figure 3 and Table 2)", "",
               "E_rel^PT (%) = mean over tasks of IST test score / PT test score; E_abs (%) = mean IST test "
               "score; (k) = number of tasks counted.", "",

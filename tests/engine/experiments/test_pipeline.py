@@ -109,7 +109,12 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     assert (run_dir / "ablations" / "msf-msf-without-proj" / "dI2" / "subspace.json").is_file()
     again = run_levers(run_dir, only=["ist-lr-0.1"])  # cached: read back, not recomputed
     assert again[0] == levers[0]
-    assert "## Levers tried" in write_report(run_dir).read_text()
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Discussion\n\nWhy the numbers differ.\n")
+    text = write_report(run_dir, tmp_path / "results.md", notes).read_text()
+    assert "## Levers tried" in text and "Why the numbers differ." in text
+    assert "| E_rel^PT, unseen tasks (d_I = 2) | 83% |" in text  # the run has no d_I = 250: its largest
+    assert (tmp_path / "results-pca.png").is_file()
     with pytest.raises(ValueError, match="unknown lever"):
         run_levers(run_dir, only=["nope"])
 
