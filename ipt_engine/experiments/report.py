@@ -131,6 +131,36 @@ def paper_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def e_rel_plot(summary: dict[str, Any], out: Path) -> Path | None:
+    """E_rel^PT against d_I for each challenge (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in headline_rows(summary) if r["e_rel"] is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for challenge, title in CHALLENGE_TITLES.items():
+        points = sorted((r["d"], 100 * r["e_rel"]) for r in rows if r["challenge"] == challenge)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=title)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log")
+    ds = sorted({r["d"] for r in rows})
+    ax.set_xticks(ds, [str(d) for d in ds])
+    ax.set_xlabel("intrinsic dimension d_I")
+    ax.set_ylabel("E_rel^PT (%)")
+    ax.set_title(f"IST relative to PT ({summary['config']['name']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = None) -> Path:
     """Write the Markdown report (and its PCA plot next to it); returns the report path. `notes`, a Markdown
     file, is included as the discussion after the comparison with the paper."""
@@ -140,6 +170,7 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
     summary = json.loads(summary_path.read_text())
     out = out or run_dir / "report.md"
     plot = pca_plot(run_dir, summary, out.parent / f"{out.stem}-pca.png")
+    rel_plot = e_rel_plot(summary, out.parent / f"{out.stem}-e-rel.png")
     cfg = summary["config"]
     ds = [int(d) for d in summary["per_d"]]
     rows = headline_rows(summary)
@@ -178,6 +209,8 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
             pt_abs = row["pt_e_abs"] if row else pt_abs
         lines.append(f"| {title}: E_rel^PT | " + " | ".join(cells_rel) + f" | {_pct(pt_abs)} |")
         lines.append(f"| {title}: E_abs | " + " | ".join(cells_abs) + " | |")
+    if rel_plot is not None:
+        lines += ["", f"![E_rel^PT by d_I]({rel_plot.name})"]
     lines += ["", "MSF: " + "; ".join(
         f"d_I={d}: dev {summary['per_d'][str(d)]['msf']['mean_dev_score']:.3f}"
         + (f", reconstruction MSE {summary['per_d'][str(d)]['msf']['reconstruction_mse']:.4g}"

@@ -114,7 +114,7 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     text = write_report(run_dir, tmp_path / "results.md", notes).read_text()
     assert "## Levers tried" in text and "Why the numbers differ." in text
     assert "| E_rel^PT, unseen tasks (d_I = 2) | 83% |" in text  # the run has no d_I = 250: its largest
-    assert (tmp_path / "results-pca.png").is_file()
+    assert (tmp_path / "results-pca.png").is_file() and (tmp_path / "results-e-rel.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown lever"):
         run_levers(run_dir, only=["nope"])
 
