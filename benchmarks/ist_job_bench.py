@@ -1,0 +1,213 @@
+"""IST job: the time from POST /tasks to `succeeded` for a 16-shot 3-label task, through the running app and a real
+worker.
+
+The real app (uvicorn on loopback) and a real worker process (`python -m workers`, as `ipt worker` runs it) share a
+private redis-server. The worker is started first and waited for (its model load is reported apart, it is not part
+of a job). Then, `--repeats` times, one task is created with POST /tasks (the category task of the tests: 16
+examples per label for training, 8 per label for dev) and polled with GET /tasks/{id} until it is final. The time
+to `succeeded` runs from just before the POST to the task's `finished_at` (written by the worker), so the polling
+interval does not blur it; the record also splits it into queue wait and training.
+
+Training settings: by default a short run like the README's example (max_steps 30, eval_every 5, batch 8, lr 1.0,
+patience 5; dev is evaluated at the start and every 5 steps); --service-defaults sends none, so the service's
+defaults apply (max_steps 200, eval_every 10: much longer on a CPU).
+
+Run:
+    .venv/bin/python benchmarks/ist_job_bench.py                        # SmolLM2 + shipped subspace; ~3 min, 2 CPUs
+    .venv/bin/python benchmarks/ist_job_bench.py --repeats 3 --subspace DIR
+    .venv/bin/python benchmarks/ist_job_bench.py --quick                # smoke run with a tiny model (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+
+from benchmarks.common import (
+    APP,
+    ROOT,
+    Report,
+    add_common_arguments,
+    device_description,
+    device_kind,
+    finish,
+    median,
+    ms,
+    prepare,
+    redis_description,
+    redis_server,
+    served_app,
+    service_settings,
+    subspace_shape,
+)
+
+QUEUE = "ipt-bench-ist"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, random_subspace=False)
+    parser.add_argument("--repeats", type=int, default=None, help="tasks created one after the other (default 1 on "
+                                                                    "CPU, 3 on CUDA)")
+    parser.add_argument("--max-steps", type=int, default=None, help="IST max steps (default 30; --quick 4)")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default 5)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1.0)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--service-defaults", action="store_true",
+                        help="send no training settings: the service's defaults apply")
+    parser.add_argument("--poll-s", type=float, default=None, help="polling interval (default 0.5 s; --quick 0.05 s)")
+    parser.add_argument("--worker-timeout-s", type=float, default=900, help="how long the worker may take to start")
+    args = parser.parse_args(argv)
+    args.max_steps = args.max_steps or (4 if args.quick else 30)
+    args.eval_every = args.eval_every or (2 if args.quick else 5)
+    args.poll_s = args.poll_s or (0.05 if args.quick else 0.5)
+    return args
+
+
+def worker_env(settings: Any) -> dict[str, str]:
+    """The environment of `python -m workers`: the calling environment without its IPT_* variables, plus the
+    settings under test (a worker reads its settings from the environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPT_")}
+    env.update({"IPT_REDIS_URL": str(settings.redis_url), "IPT_SUBSPACE": str(settings.subspace),
+                "IPT_BACKBONE": settings.backbone, "IPT_DTYPE": settings.dtype, "IPT_QUEUE_NAME": settings.queue_name,
+                "IPT_WORKER_METRICS_PORT": "0"})
+    if settings.device:
+        env["IPT_DEVICE"] = settings.device
+    if settings.torch_threads:
+        env["IPT_TORCH_THREADS"] = str(settings.torch_threads)
+    return env
+
+
+def start_worker(settings: Any, log_path: Path, timeout: float) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a worker and wait until it has registered with RQ (after loading the model); returns it and the
+    seconds that took."""
+    import redis
+    from rq import Queue, Worker
+
+    log = log_path.open("wb")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "workers"], env=worker_env(settings), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    log.close()
+    connection = redis.Redis.from_url(str(settings.redis_url))
+    queue = Queue(settings.queue_name, connection=connection)
+    while not Worker.all(connection=connection, queue=queue):
+        if proc.poll() is not None or time.perf_counter() - start > timeout:
+            stop_worker(proc)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the worker did not start (exit code {proc.returncode}); its log ends with:\n{tail}")
+        time.sleep(0.1)
+    return proc, time.perf_counter() - start
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # SIGTERM: RQ's warm shutdown
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    args = parse_args(argv)
+    from tests.engine.category_tasks import RELATED, TARGET, category_task
+    from workers.runtime import reset_runtime
+
+    task = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8)
+    body: dict[str, Any] = {
+        "name": task.name, "kind": "classification", "labels": list(task.labels or ()),
+        "train": [{"input": e.input, "output": e.output} for e in task.train],
+        "dev": [{"input": e.input, "output": e.output} for e in task.dev],
+    }
+    training = None if args.service_defaults else {
+        "max_steps": args.max_steps, "eval_every": args.eval_every, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "patience": args.patience}
+    if training:
+        body["training"] = training
+    with ExitStack() as stack:
+        stack.callback(reset_runtime)
+        setup = prepare(args, stack, random_subspace=False)
+        redis_url = stack.enter_context(redis_server(setup.workdir))
+        settings = service_settings(setup, redis_url, queue_name=QUEUE)
+        worker, worker_start_s = start_worker(settings, setup.workdir / "worker.log", args.worker_timeout_s)
+        stack.callback(stop_worker, worker)
+        base, app = stack.enter_context(served_app(settings))
+        runtime = app.state.runtime
+        device = runtime.backbone.device
+        repeats = args.repeats or (3 if device.type == "cuda" else 1)
+        runs: list[dict[str, Any]] = []
+        with httpx.Client(base_url=base, trust_env=False, timeout=60) as client:
+            for _ in range(repeats):
+                posted_at = time.time()
+                answer = client.post("/tasks", json=body)
+                post_s = time.time() - posted_at
+                if answer.status_code != 202:
+                    raise RuntimeError(f"POST /tasks: {answer.status_code} {answer.text[:500]}")
+                task_id = answer.json()["id"]
+                while True:
+                    record = client.get(f"/tasks/{task_id}").json()
+                    if record["status"] in ("succeeded", "failed", "cancelled"):
+                        seen_s = time.time() - posted_at
+                        break
+                    if time.time() - posted_at > 3 * 3600:
+                        raise RuntimeError(f"task {task_id} still {record['status']} after 3 hours")
+                    time.sleep(args.poll_s)
+                if record["status"] != "succeeded":
+                    raise RuntimeError(f"task {task_id} ended {record['status']}: {record.get('error')}")
+                runs.append({"total": record["finished_at"] - posted_at, "seen": seen_s, "post": post_s,
+                             "queued": record["started_at"] - record["created_at"],
+                             "training": record["finished_at"] - record["started_at"], "steps": record["steps"],
+                             "dev": record["dev_score"]})
+
+        sent = "none sent: the service's defaults" if training is None else ", ".join(
+            f"{k} {v}" for k, v in training.items())
+        report = Report(
+            "ist_job_bench", "IST job: POST /tasks to succeeded", device_kind(device),
+            context=[
+                f"backbone: {setup.label} on {device_description(device)} (worker and app on the same machine), "
+                f"{setup.dtype}",
+                f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}",
+                f"task: {task.name}, {len(body['labels'])} labels, {len(task.train)} train + {len(task.dev)} dev "
+                f"examples (16-shot); training settings: {sent}",
+                f"service: {APP}, one `python -m workers` process, "
+                f"{redis_description(app.state.store.r)}; the task was polled every {args.poll_s:g} s",
+            ],
+            header=["run", "POST -> succeeded", "queued", "training (worker)", "steps", "dev accuracy",
+                    "seen by the client", "POST answered in"])
+        for k, run in enumerate(runs, start=1):
+            report.add(k, ms(run["total"]), ms(run["queued"]), ms(run["training"]), run["steps"], f"{run['dev']:.3f}",
+                       ms(run["seen"]), ms(run["post"]))
+        if len(runs) > 1:
+            report.add("median", ms(median([r["total"] for r in runs])), ms(median([r["queued"] for r in runs])),
+                       ms(median([r["training"] for r in runs])), "-", "-", ms(median([r["seen"] for r in runs])),
+                       ms(median([r["post"] for r in runs])))
+        report.notes += [
+            f"worker start before the first job (imports, model and subspace load, RQ registration): "
+            f"{worker_start_s:.1f} s; not part of any job",
+            "POST -> succeeded: from just before the POST to the task's finished_at; queued: created_at to started_at; "
+            "training: started_at to finished_at (dev evaluations included)",
+            "run 1 is the worker's first job: its queue wait also holds the first import of workers.jobs (the "
+            "training and metrics modules), which the worker does not import at start-up",
+        ]
+        report.values.update({"runs": runs, "worker_start_s": worker_start_s, "median_total": median(
+            [r["total"] for r in runs])})
+        return finish(report, args, argv)
+
+
+if __name__ == "__main__":
+    main()

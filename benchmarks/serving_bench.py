@@ -1,0 +1,233 @@
+"""Mixed-task serving: predict throughput and latency with 1, 10, 100, 1000 distinct tasks in the request stream.
+
+Everything goes through the service as users reach it: the real app (uvicorn on loopback) over HTTP, tasks stored
+in a real Redis (a private redis-server; random z vectors, which is all a timing needs), the prompt cache and the
+micro-batcher, which runs the requests of many tasks in one forward pass. A closed loop of `--concurrency`
+clients (default: the batch size) sends one-input predict requests, round-robin over the stream's tasks.
+
+Compared in one run, on the same inputs:
+- the stream of 1 task (every forward pass serves one prompt) against 10, 100, 1000 tasks (mixed passes);
+- a one-request-per-forward server: the same app with IPT_BATCH_MAX_SIZE=1, on the largest stream;
+- the gain batching gives the bare PLM on this machine: engine predict, no prompt, batch B vs batch 1.
+Targets (issue 7): 1000 tasks at >= 0.9x the single-task throughput; against per-request serving, at least the
+bare PLM's batching gain.
+
+The prompt cache starts filled with the stream's tasks (the steady state of a service whose cache holds its
+active tasks); cache misses are measured by benchmarks/cache_bench.py.
+
+Run:
+    .venv/bin/python benchmarks/serving_bench.py                   # SmolLM2; ~3-4 min on 2 CPU cores
+    .venv/bin/python benchmarks/serving_bench.py --requests 480    # more requests per configuration
+    .venv/bin/python benchmarks/serving_bench.py --write-docs      # also write the table into docs/benchmarks.md
+    .venv/bin/python benchmarks/serving_bench.py --quick           # smoke run with a tiny model (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    APP,
+    BatchStats,
+    LoadResult,
+    ModelBusy,
+    Report,
+    TaskWriter,
+    add_common_arguments,
+    category_inputs,
+    device_description,
+    device_kind,
+    finish,
+    median,
+    ms,
+    predict_request,
+    prefill_prompt_cache,
+    prepare,
+    ratio,
+    redis_description,
+    redis_server,
+    run_load,
+    served_app,
+    service_settings,
+    subspace_shape,
+    sync,
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--tasks", default="1,10,100,1000",
+                        help="distinct tasks per stream, comma separated (1, the baseline, is always run)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="timed requests per configuration (default: 96 on CPU, 1024 on CUDA, 48 with --quick)")
+    parser.add_argument("--concurrency", type=int, default=None, help="closed-loop clients (default: the batch size)")
+    parser.add_argument("--inputs-per-request", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="IPT_BATCH_MAX_SIZE of the batched server and the bare-PLM batch (default: the service's)")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="IPT_BATCH_MAX_WAIT_MS (default: the service's)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def make_stream(task_ids: Sequence[str], inputs: Sequence[str], count: int, per_request: int,
+                seed: int) -> list[tuple[str, dict[str, object]]]:
+    """`count` predict requests, round-robin over the tasks in a shuffled order (consecutive requests hit different
+    tasks); request i carries the same inputs whatever the stream, so streams differ only in their tasks."""
+    order = list(task_ids)
+    random.Random(seed).shuffle(order)
+    return [predict_request(order[i % len(order)],
+                            [inputs[(i * per_request + j) % len(inputs)] for j in range(per_request)])
+            for i in range(count)]
+
+
+def bare_plm(backbone: object, name: str, labels: Sequence[str], inputs: Sequence[str], batch: int,
+             repeats: int) -> tuple[float, float, float, float]:
+    """Engine predict with no prompt: (examples/s at batch 1, at batch `batch`, median seconds per call of each)."""
+    from ipt_engine.evaluation import predict
+    from ipt_engine.tasks import Example, TaskHead, TaskKind
+
+    head = TaskHead(name, TaskKind.CLASSIFICATION, tuple(labels))
+    examples = [Example(inputs[i % len(inputs)], "") for i in range(batch)]
+    device = backbone.device  # type: ignore[attr-defined]
+    for e in examples[:2]:
+        predict(backbone, [head], [[e]], None)  # warm-up
+    predict(backbone, [head], [examples], None)
+    sync(device)
+    singles, batched = [], []
+    for _ in range(repeats):
+        for e in examples:
+            start = time.perf_counter()
+            predict(backbone, [head], [[e]], None)
+            sync(device)
+            singles.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predict(backbone, [head], [examples], None)
+        sync(device)
+        batched.append(time.perf_counter() - start)
+    one, many = median(singles), median(batched)
+    return 1 / one, batch / many, one, many
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    args = parse_args(argv)
+    from service.redis_connection import connect
+    from service.settings import Settings
+    from service.task_store import TaskStore
+    from workers.runtime import load_runtime, reset_runtime
+
+    counts = sorted({1} | {int(k) for k in args.tasks.split(",") if k.strip()})  # 1: the single-task baseline
+    if counts[0] < 1:
+        raise SystemExit("--tasks needs positive task counts, e.g. 1,10,100,1000")
+    defaults = Settings.model_fields
+    batch = args.batch_size or int(defaults["batch_max_size"].default)
+    wait_ms = args.max_wait_ms if args.max_wait_ms is not None else float(defaults["batch_max_wait_ms"].default)
+    concurrency = args.concurrency or batch
+    per_request = args.inputs_per_request
+    with ExitStack() as stack:
+        stack.callback(reset_runtime)
+        setup = prepare(args, stack)
+        redis_url = stack.enter_context(redis_server(setup.workdir))
+        settings = service_settings(
+            setup, redis_url, batch_max_size=batch, batch_max_wait_ms=wait_ms,
+            prompt_cache_size=max(int(defaults["prompt_cache_size"].default), counts[-1]),
+            max_inputs_per_predict=max(int(defaults["max_inputs_per_predict"].default), per_request),
+            batch_max_pending=max(int(defaults["batch_max_pending"].default), 4 * concurrency * per_request))
+        runtime = load_runtime(settings)  # the app below reuses this process-wide runtime
+        device = runtime.backbone.device
+        n_requests = args.requests or (48 if args.quick else 1024 if device.type == "cuda" else 96)
+        store = TaskStore(connect(settings))
+        name, labels, inputs = category_inputs()
+        writer = TaskWriter(store, name, labels, runtime.subspace.config.d_intrinsic, runtime.artifact_id, args.seed)
+        ids = writer.write(counts[-1])
+        streams = {k: make_stream(ids[:k], inputs, n_requests, per_request, args.seed) for k in counts}
+        warm = make_stream(ids[:counts[-1]], inputs[::-1], concurrency, per_request, args.seed + 1)
+
+        batched: dict[int, tuple[LoadResult, BatchStats, float]] = {}
+        with served_app(settings) as (base, app):
+            fill_s = prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
+            run_load(base, warm, concurrency)  # untimed: kernels, connections, batch rhythm
+            for k in counts:
+                before = BatchStats.snapshot()
+                with ModelBusy() as busy:
+                    result = run_load(base, streams[k], concurrency)
+                batched[k] = (result, BatchStats.snapshot().since(before), busy.seconds / result.wall)
+        with served_app(settings.model_copy(update={"batch_max_size": 1})) as (base, app):
+            prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
+            run_load(base, warm[:2], 1)
+            before = BatchStats.snapshot()
+            with ModelBusy() as busy:
+                per_request_result = run_load(base, streams[counts[-1]], concurrency)
+            per_request_stats = BatchStats.snapshot().since(before)
+            per_request_busy = busy.seconds / per_request_result.wall
+        bare_1, bare_b, bare_1_s, bare_b_s = bare_plm(runtime.backbone, name, labels, inputs, batch,
+                                                       repeats=1 if device.type == "cpu" else 3)
+
+        single = batched[counts[0]][0].throughput
+        report = Report(
+            "serving_bench", "Mixed-task serving through the app", device_kind(device),
+            context=[
+                f"backbone: {setup.label} on {device_description(device)}, {setup.dtype}",
+                f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}",
+                f"service: {APP}, {redis_description(store.r)}; IPT_BATCH_MAX_SIZE="
+                f"{batch}, IPT_BATCH_MAX_WAIT_MS={wait_ms:g}; {concurrency} closed-loop clients; {n_requests} timed "
+                f"requests per row, {per_request} input(s) each, {len(labels)} labels (rank classification)",
+                f"prompt cache filled with the stream's tasks before timing ({counts[-1]} Proj_b(z) in {fill_s:.1f} s)",
+            ],
+            header=["configuration", "tasks requested", "examples/s", "p50 latency", "p99 latency",
+                    "inputs per forward", "tasks per forward", "model busy", "vs 1 task", "vs per-request server"])
+        for k in counts:
+            result, stats, busy_share = batched[k]
+            report.add(f"batched server, {k} task{'s' if k > 1 else ''} in the stream", min(k, n_requests),
+                       f"{result.throughput:.2f}", ms(result.p50), ms(result.p99), f"{stats.mean_inputs:.1f}",
+                       f"{stats.mean_tasks:.1f}", f"{busy_share:.0%}", ratio(result.throughput, single),
+                       ratio(result.throughput, per_request_result.throughput))
+            report.values[f"model_busy_{k}"] = busy_share
+            report.values[f"throughput_{k}"] = result.throughput
+            report.values[f"p50_{k}"], report.values[f"p99_{k}"] = result.p50, result.p99
+            report.values[f"tasks_per_forward_{k}"] = stats.mean_tasks
+            report.values[f"inputs_per_forward_{k}"] = stats.mean_inputs
+        report.add(f"one request per forward (IPT_BATCH_MAX_SIZE=1), {counts[-1]} tasks", min(counts[-1], n_requests),
+                   f"{per_request_result.throughput:.2f}", ms(per_request_result.p50), ms(per_request_result.p99),
+                   f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tasks:.1f}",
+                   f"{per_request_busy:.0%}", ratio(per_request_result.throughput, single), "1.00x")
+        report.add("bare PLM (engine, no prompt), batch 1", "-", f"{bare_1:.2f}", ms(bare_1_s), "-", "1", "-", "-",
+                   "-", "-")
+        report.add(f"bare PLM (engine, no prompt), batch {batch}", "-", f"{bare_b:.2f}", ms(bare_b_s), "-", str(batch),
+                   "-", "-", "-", "-")
+        most = batched[counts[-1]][0].throughput
+        mixed_gain = most / per_request_result.throughput
+        bare_gain = bare_b / bare_1
+        report.values.update({"counts": counts, "single_task_throughput": single, "per_request_throughput":
+                              per_request_result.throughput, "mixed_vs_single": most / single,
+                              "mixed_vs_per_request": mixed_gain, "bare_gain": bare_gain, "bare_1": bare_1,
+                              "bare_batch": bare_b, "requests": n_requests,
+                              "model_busy_per_request": per_request_busy})
+        report.notes += [
+            f"{counts[-1]} tasks vs 1 task: {most / single:.2f}x the throughput (target >= 0.9x: "
+            f"{'met' if most / single >= 0.9 else 'NOT met'})",
+            f"{counts[-1]} tasks vs one request per forward: {mixed_gain:.2f}x; batching gain of the bare PLM here "
+            f"(batch {batch} vs 1): {bare_gain:.2f}x (target: at least that gain: "
+            f"{'met' if mixed_gain >= bare_gain else 'NOT met'})",
+            "latency: per request, from sending it to its answer, with all clients busy (closed loop), so it includes "
+            "waiting for the batch in progress; p99 of a few hundred requests is close to their maximum",
+            "inputs/tasks per forward: from the predictor's own histograms (ipt_predict_batch_size_inputs, "
+            "ipt_predict_batch_distinct_tasks) over the timed requests",
+            "model busy: the share of the run's wall time the predictor spent in its forward passes "
+            "(MicroBatcher.run_batch); well below 100% means HTTP, queueing or the client, not the model, set the pace",
+        ]
+        return finish(report, args, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import serving_bench
+from tests.benchmarks.conftest import finite_positive
+
+
+def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "benchmarks.md"
+    # a 50 ms batching window, so that concurrent requests do share forward passes even on a busy machine
+    report = serving_bench.main(["--quick", "--tasks", "1,8,64", "--requests", "32", "--concurrency", "16",
+                                 "--max-wait-ms", "50", "--write-docs", str(docs)])
+    out = capsys.readouterr().out
+    for row in ("batched server, 1 task in the stream", "batched server, 64 tasks in the stream",
+                "one request per forward (IPT_BATCH_MAX_SIZE=1), 64 tasks", "bare PLM (engine, no prompt), batch 32"):
+        assert f"| {row}" in out
+    assert "1 tasks vs 1 task" not in out and "64 tasks vs 1 task:" in out
+    v = report.values
+    assert finite_positive([v[f"{m}_{k}"] for m in ("throughput", "p50", "p99") for k in (1, 8, 64)])
+    assert all(v[f"p50_{k}"] <= v[f"p99_{k}"] for k in (1, 8, 64))
+    assert finite_positive([v["per_request_throughput"], v["bare_1"], v["bare_batch"], v["bare_gain"]])
+    # the predictor's own histograms: one task per forward for a one-task stream, several for a mixed one
+    assert v["tasks_per_forward_1"] == 1.0
+    assert 1.0 < v["tasks_per_forward_64"] <= v["inputs_per_forward_64"] <= 32
+    assert v["inputs_per_forward_1"] > 1.0  # the single task's requests were batched too
+    # the model thread's busy time, from the wrapped MicroBatcher.run_batch, fits in the run's wall time
+    assert all(0 < v[f"model_busy_{k}"] <= 1.05 for k in (1, 8, 64)) and 0 < v["model_busy_per_request"] <= 1.05
+    text = docs.read_text()
+    assert "<!-- serving_bench:cpu start -->" in text and "- machine: " in text and "- date: " in text
