@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import register_error_handlers
+from service.load_shedding import Inflight, InflightLimit
 from service.predictor import MicroBatcher, PromptCache
 from service.redis_connection import connect
 from service.routes import health, tasks
@@ -82,7 +84,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = TaskStore(connect(settings))
+        app.state.store = TaskStore(connect(settings, fail_fast=True))
         app.state.prompt_cache = PromptCache(settings.prompt_cache_size)
         app.state.batcher = None
 
@@ -105,8 +107,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                   description="Learn a task from a few examples as a tiny vector; predict with one frozen LM.")
     app.state.settings = settings
     app.state.runtime = None
+    app.state.inflight = Inflight(settings.max_inflight_requests)
     app.include_router(health.router)
     app.include_router(tasks.router)
+    register_error_handlers(app)
+    # middleware added later wraps what was added before: BodySizeLimit -> record_metrics -> InflightLimit,
+    # so that shed requests (503, route "unmatched") are counted in the metrics too
+    app.add_middleware(InflightLimit, inflight=app.state.inflight)
 
     @app.middleware("http")
     async def record_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -118,5 +125,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         metrics.HTTP_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: before anything reads
     return app

@@ -8,6 +8,7 @@ from fastapi import Depends, HTTPException, Request, status
 
 from service.auth import tenant_for
 from service.predictor import MicroBatcher, PromptCache
+from service.rate_limit import FixedWindowLimiter
 from service.settings import Settings
 from service.task_store import TaskStore
 from workers.runtime import Runtime
@@ -40,6 +41,20 @@ def get_batcher(request: Request) -> MicroBatcher:
 
 def get_cache(request: Request) -> PromptCache:
     return request.app.state.prompt_cache
+
+
+def limit_creates(request: Request, tenant: Annotated[str, Depends(get_tenant)],
+                  store: Annotated[TaskStore, Depends(get_store)]) -> None:
+    """The tenant's quota of POST /tasks (429 + Retry-After beyond it)."""
+    s: Settings = request.app.state.settings
+    FixedWindowLimiter("create", s.rate_limit_create_per_window, s.rate_limit_window_s).hit(store.r, tenant)
+
+
+def limit_predicts(request: Request, tenant: Annotated[str, Depends(get_tenant)],
+                   store: Annotated[TaskStore, Depends(get_store)]) -> None:
+    """The tenant's quota of predict requests (429 + Retry-After beyond it)."""
+    s: Settings = request.app.state.settings
+    FixedWindowLimiter("predict", s.rate_limit_predict_per_window, s.rate_limit_window_s).hit(store.r, tenant)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

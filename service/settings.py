@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     job_retries: int = Field(2, description="retries of a job whose worker died or timed out")
     worker_batch_tasks: int = Field(4, description="queued tasks a worker trains together in one IST run")
     worker_metrics_port: int | None = Field(9101, description="port of a worker's /metrics (None: off)")
+    redis_connect_timeout_s: float = Field(2.0, gt=0, description="the API gives up connecting to Redis after this")
+    redis_socket_timeout_s: float = Field(5.0, gt=0, description="the API gives up on a Redis command after this")
+    redis_retries: int = Field(2, ge=0, description="the API's retries of a Redis command on a connection error, "
+                                                    "with a short backoff; then the request answers 503")
 
     # model
     backbone: str = "smollm2"
@@ -64,3 +68,15 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, description="inputs per micro-batched forward pass")
     batch_max_wait_ms: float = Field(5.0, description="how long a request waits for others to share its batch")
     batch_max_pending: int = Field(4096, description="inputs waiting for the model; beyond: 503 + Retry-After")
+
+    # load: per-tenant quotas (429 + Retry-After) and a bound on the work one API process holds (503)
+    rate_limit_window_s: int = Field(60, ge=1, description="length of a rate-limit window (fixed windows)")
+    rate_limit_create_per_window: int = Field(
+        60, ge=0, description="POST /tasks per tenant per window; beyond: 429 + Retry-After (0: no limit)")
+    rate_limit_predict_per_window: int = Field(
+        3000, ge=0, description="predict requests per tenant per window; beyond: 429 + Retry-After (0: no limit)")
+    max_active_tasks_per_tenant: int = Field(
+        50, ge=0, description="queued or running tasks per tenant; one more: 429 + Retry-After (0: no limit)")
+    max_inflight_requests: int = Field(
+        256, ge=0, description="requests one API process handles at once (health routes aside); "
+                               "beyond: 503 + Retry-After (0: no limit)")

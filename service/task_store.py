@@ -5,6 +5,8 @@ never a soft prompt. Keys:
     ipt:task:{id}            hash: owner, name, kind, status, labels, timings, scores, progress, version
     ipt:task:{id}:z          raw little-endian float32 bytes of z
     ipt:tenant:{owner}:tasks sorted set of the owner's task ids by creation time
+    ipt:tenant:{owner}:active set of the owner's task ids that may still be queued or running (pruned
+                             when counted, so a final or deleted task leaves it at the next count)
     ipt:idem:{sha256(owner, key)} task id created under an Idempotency-Key (24 h)
 `version` grows each time a vector is written, so caches keyed by (id, version) never serve a stale
 prompt, on any replica.
@@ -103,11 +105,11 @@ class TaskStore:
         pipe = self.r.pipeline()
         pipe.hset(self._key(task_id), mapping=mapping)
         pipe.zadd(f"ipt:tenant:{owner}:tasks", {task_id: now})
+        pipe.sadd(self._active_key(owner), task_id)
         pipe.execute()
         if idempotency_key:
             # the task exists before the key points at it, so a concurrent request never sees a dangling key
-            digest = hashlib.sha256(f"{owner}\x00{idempotency_key}".encode()).hexdigest()
-            idem = f"ipt:idem:{digest}"
+            idem = self._idempotency_key(owner, idempotency_key)
             if not self.r.set(idem, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
                 existing = self.r.get(idem)
                 earlier = self.get(existing.decode(), owner) if existing else None
@@ -118,6 +120,36 @@ class TaskStore:
         record = self.get(task_id)
         assert record is not None
         return record, True
+
+    @staticmethod
+    def _idempotency_key(owner: str, idempotency_key: str) -> str:
+        digest = hashlib.sha256(f"{owner}\x00{idempotency_key}".encode()).hexdigest()
+        return f"ipt:idem:{digest}"
+
+    @staticmethod
+    def _active_key(owner: str) -> str:
+        return f"ipt:tenant:{owner}:active"
+
+    def idempotent_task(self, owner: str, idempotency_key: str) -> TaskRecord | None:
+        """The owner's task created earlier under this Idempotency-Key, if it still exists."""
+        existing = self.r.get(self._idempotency_key(owner, idempotency_key))
+        return self.get(existing.decode(), owner) if existing else None
+
+    def active_count(self, owner: str) -> int:
+        """How many of the owner's tasks are queued or running; tasks that ended or were deleted leave the
+        active set here (cost: one pipeline over at most the active tasks)."""
+        key = self._active_key(owner)
+        ids = list(self.r.smembers(key))
+        if not ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(self._key(i.decode()), "status")
+        done = [i for i, s in zip(ids, pipe.execute(), strict=True)
+                if s is None or TaskStatus(s.decode()).is_final]
+        if done:
+            self.r.srem(key, *done)
+        return len(ids) - len(done)
 
     def get(self, task_id: str, owner: str | None = None) -> TaskRecord | None:
         """The task, or None when it does not exist or (with `owner`) belongs to someone else."""
@@ -156,23 +188,28 @@ class TaskStore:
     # ---------------------------------------------------------------------------------- state changes
     def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any]) -> bool:
         """Apply `mapping` only when the task exists and is in one of `allowed` states (atomically)."""
+        final = "status" in mapping and TaskStatus(mapping["status"]).is_final
         return self._transition(task_id, allowed, lambda pipe, key: pipe.hset(
-            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}))
+            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}), final=final)
 
-    def _transition(self, task_id: str, allowed: set[TaskStatus], write: Callable[[Any, str], Any]) -> bool:
+    def _transition(self, task_id: str, allowed: set[TaskStatus], write: Callable[[Any, str], Any],
+                    final: bool = False) -> bool:
         """Run `write(pipeline, key)` in a transaction, only while the task is in an `allowed` state
-        (optimistic locking with WATCH: a concurrent change retries the check)."""
+        (optimistic locking with WATCH: a concurrent change retries the check). A `final` transition also
+        takes the task out of its owner's active set."""
         key = self._key(task_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    status = pipe.hget(key, "status")
+                    status, owner = pipe.hmget(key, "status", "owner")
                     if status is None or TaskStatus(status.decode()) not in allowed:
                         pipe.unwatch()
                         return False
                     pipe.multi()
                     write(pipe, key)
+                    if final and owner is not None:
+                        pipe.srem(self._active_key(owner.decode()), task_id)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -214,7 +251,7 @@ class TaskStore:
                                     "dev_score": dev_score, "steps": steps, "error": ""})
             pipe.hincrby(key, "version", 1)
 
-        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write)
+        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, final=True)
 
     def mark_failed(self, task_id: str, code: str, message: str) -> bool:
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
@@ -233,6 +270,7 @@ class TaskStore:
         pipe = self.r.pipeline()
         pipe.delete(self._key(task_id), f"{self._key(task_id)}:z")
         pipe.zrem(f"ipt:tenant:{owner}:tasks", task_id)
+        pipe.srem(self._active_key(owner), task_id)
         pipe.execute()
         return True
 

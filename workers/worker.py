@@ -16,6 +16,7 @@ from rq import Queue, SimpleWorker
 
 from service.redis_connection import connect
 from service.settings import Settings
+from workers.log_redaction import install_job_log_redaction
 from workers.runtime import load_runtime, set_process_settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings | None = None, burst: bool = False) -> bool:
     """Load the model once, then process IST jobs until stopped (or, with burst, until the queue is empty)."""
     settings = settings or Settings()
+    install_job_log_redaction()  # a failed job's log record must not carry the user's examples
     if settings.worker_metrics_port and not burst:
         from prometheus_client import start_http_server
 

@@ -6,15 +6,26 @@ import asyncio
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from rq import Callback, Queue, Retry
 
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.tasks import Example, Task, TaskHead, TaskKind, infer_kind
-from service.deps import BatcherDep, CacheDep, RuntimeDep, SettingsDep, StoreDep, TenantDep
+from service.deps import (
+    BatcherDep,
+    CacheDep,
+    RuntimeDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    limit_creates,
+    limit_predicts,
+)
+from service.errors import error_responses
 from service.predictor import Item
+from service.rate_limit import RateLimited
 from service.schemas import (
     ErrorInfo,
     PredictionOut,
@@ -32,6 +43,12 @@ from service.task_store import TaskRecord, TaskStatus
 from workers.jobs import delete_queued_job
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+MAX_OFFSET = 2**31 - 1
+"""Largest page offset: Redis ranges take 64-bit integers, a larger offset was a 500 (found by fuzzing)."""
+
+ACTIVE_TASKS_RETRY_AFTER_S = 30
+"""Retry-After of a create refused because the tenant has too many queued or running tasks."""
 
 
 def task_out(r: TaskRecord) -> TaskOut:
@@ -74,7 +91,8 @@ def _build_task(body: TaskCreate) -> Task:
         raise HTTPException(422, str(exc)) from None
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut,
+             responses=error_responses(400, 401, 413, 422, 429, 503), dependencies=[Depends(limit_creates)])
 def create_task(body: TaskCreate, request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                 tenant: TenantDep, runtime: RuntimeDep,
                 idempotency_key: str | None = Header(None, max_length=200)) -> TaskOut:
@@ -83,6 +101,13 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
     task = _build_task(body)
     if task.labels and len(task.labels) > settings.max_options:
         raise _too_large(f"{len(task.labels)} labels exceed the limit of {settings.max_options} options per task")
+    if idempotency_key and (earlier := store.idempotent_task(tenant, idempotency_key)) is not None:
+        response.headers["Location"] = f"/tasks/{earlier.id}"
+        return task_out(earlier)  # a retried request: its task, even when the tenant is at its cap
+    cap = settings.max_active_tasks_per_tenant
+    if cap and store.active_count(tenant) >= cap:
+        raise RateLimited(f"{cap} tasks of this tenant are queued or running, the limit; retry when one has "
+                          "finished", ACTIVE_TASKS_RETRY_AFTER_S)
     d_i = runtime.subspace.config.d_intrinsic
     record, created = store.create(tenant, task.name, task.kind.value, list(task.labels) if task.labels else None,
                                    d_i, runtime.artifact_id, idempotency_key)
@@ -109,19 +134,19 @@ def _owned(store: StoreDep, tenant: str, task_id: str) -> TaskRecord:
     return record
 
 
-@router.get("/{task_id}", response_model=TaskOut)
+@router.get("/{task_id}", response_model=TaskOut, responses=error_responses(401, 404, 422, 503))
 def get_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskOut:
     return task_out(_owned(store, tenant, task_id))
 
 
-@router.get("", response_model=TaskList)
-def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset: int = Query(0, ge=0),
+@router.get("", response_model=TaskList, responses=error_responses(401, 422, 503))
+def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset: int = Query(0, ge=0, le=MAX_OFFSET),
                limit: int = Query(20, ge=1, le=100)) -> TaskList:
     records, total = store.list(tenant, offset, min(limit, settings.page_size_max))
     return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=limit)
 
 
-@router.post("/{task_id}/cancel", response_model=TaskOut)
+@router.post("/{task_id}/cancel", response_model=TaskOut, responses=error_responses(401, 404, 409, 422, 503))
 def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskOut:
     record = _owned(store, tenant, task_id)
     if not store.cancel(task_id):
@@ -130,7 +155,7 @@ def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Ta
     return task_out(_owned(store, tenant, task_id))
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 404, 422, 503))
 def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Response:
     _owned(store, tenant, task_id)
     store.cancel(task_id)  # a running job stops at its next evaluation
@@ -139,7 +164,8 @@ def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Re
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{task_id}/predict", response_model=PredictResponse)
+@router.post("/{task_id}/predict", response_model=PredictResponse,
+             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503), dependencies=[Depends(limit_predicts)])
 async def predict_task(body: PredictRequest, store: StoreDep, tenant: TenantDep,
                        settings: SettingsDep, runtime: RuntimeDep, batcher: BatcherDep,
                        cache: CacheDep, task_id: str = TaskId) -> PredictResponse:
@@ -190,7 +216,8 @@ async def predict_task(body: PredictRequest, store: StoreDep, tenant: TenantDep,
                       if a.options and a.probabilities else None) for a in answers])
 
 
-@router.get("/{task_id}/similar", response_model=SimilarResponse)
+@router.get("/{task_id}/similar", response_model=SimilarResponse,
+            responses=error_responses(401, 404, 409, 422, 503))
 def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le=50),
                   task_id: str = TaskId) -> SimilarResponse:
     """The caller's k nearest trained tasks by cosine similarity of their intrinsic vectors."""

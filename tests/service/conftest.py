@@ -4,19 +4,21 @@ backbone with a random subspace, the real app served by uvicorn on loopback, and
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 import uvicorn
+from fastapi import FastAPI
 
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.subspace_artifact import save_artifact
@@ -49,7 +51,10 @@ def service_settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dirs: 
     return Settings(redis_url=_redis_url(tmp), data_dir=tmp, backbone=str(tiny_model_dirs["llama"]), device="cpu",
                     subspace=tmp / "subspace", api_keys={hash_api_key(k): t for k, t in KEYS.items()},
                     max_examples_per_task=100, max_text_chars=500, max_inputs_per_predict=8, max_body_bytes=50_000,
-                    batch_max_wait_ms=2.0, queue_name="ipt-test")
+                    batch_max_wait_ms=2.0, queue_name="ipt-test",
+                    # quotas off for the shared app: many tests create tasks as alice within a minute;
+                    # tests/service/test_limits.py checks them on apps of their own
+                    rate_limit_create_per_window=0, rate_limit_predict_per_window=0, max_active_tasks_per_tenant=0)
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +73,14 @@ def env_settings(service_settings: Settings) -> Iterator[Settings]:
 
 
 @contextmanager
-def running_app(settings: Settings) -> Iterator[str]:
-    """The real app served by uvicorn on a free loopback port, ready (model loaded); yields its base URL."""
+def running_app(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """The real app (or `app`, built by create_app) served by uvicorn on a free loopback port, ready (model
+    loaded); yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app or create_app(settings), host="127.0.0.1", port=port,
+                                        log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -86,10 +93,17 @@ def running_app(settings: Settings) -> Iterator[str]:
 
 
 def start_worker_process() -> subprocess.Popen[bytes]:
-    """`python -m workers` with this test session's environment (metrics port off)."""
+    """`python -m workers` with this test session's environment (metrics port off), in a process group of
+    its own: RQ forks a scheduler process, which kill_process_group ends with the worker."""
     env = {**os.environ, "IPT_WORKER_METRICS_PORT": "0"}
     return subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_process_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Signal a process started by start_worker_process and its children (as a pod kill would)."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from rq.registry import StartedJobRegistry
 
 from service.redis_connection import connect
 from service.settings import Settings
-from tests.service.conftest import run_worker_burst, start_worker_process
+from tests.service.conftest import kill_process_group, run_worker_burst, start_worker_process
 from tests.service.test_api import task_body
 
 
@@ -31,7 +31,7 @@ def test_killed_worker_job_is_retried_and_succeeds(alice: httpx.Client, env_sett
     try:
         _wait_for(lambda: alice.get(f"/tasks/{tid}").json()["progress"]["step"] >= 2, 120, "the job to be running")
     finally:
-        worker.send_signal(signal.SIGKILL)
+        kill_process_group(worker)  # the worker and the scheduler process it forked
         worker.wait(timeout=30)
     assert alice.get(f"/tasks/{tid}").json()["status"] == "running"  # mid-job, its worker gone
 
@@ -58,6 +58,5 @@ def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: 
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
+        kill_process_group(worker)  # whatever is left of it (its scheduler process)
     assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
