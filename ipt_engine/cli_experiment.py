@@ -14,7 +14,7 @@ from rich.console import Console
 from ipt_engine.cli_data import default_pool_dir
 from ipt_engine.experiments.config import load_config
 from ipt_engine.experiments.pipeline import run_experiment
-from ipt_engine.experiments.report import headline_rows, write_report
+from ipt_engine.experiments.report import copy_summaries, headline_rows, write_report
 
 experiment_app = typer.Typer(help="Reproduce the paper's experiments on the task pool.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -44,9 +44,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory with su
            out: Annotated[Path | None, typer.Option(help="Markdown file to write (default RUN_DIR/report.md)")] = None,
            notes: Annotated[Path | None, typer.Option(help="a Markdown discussion to include after the comparison "
                                                            "with the paper")] = None,
+           summaries_to: Annotated[Path | None, typer.Option(help="also copy the run's result files (JSON/YAML, "
+                                                                  "no weights) to this directory")] = None,
            ) -> None:
     """Write the Markdown report (tables, stability, PCA plot, per-task appendix) from a finished run."""
     path = write_report(run_dir, out, notes)
+    if summaries_to is not None:
+        copied = copy_summaries(run_dir, summaries_to)
+        console.print(f"{len(copied)} result files copied to {summaries_to}")
     console.print(f"report written to {path}")
 
 

@@ -7,6 +7,7 @@ E_rel^PT = mean over tasks of score(method) / score(PT); E_abs = mean score. Tas
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import mean
@@ -251,6 +252,21 @@ def _stability_section(summary: dict[str, Any]) -> list[str]:
     lines += ["", f"E_rel^PT of IPT-initialised PT (learnable unseen tasks): "
               f"{_pct(mean(ratios)) if ratios else 'n/a'}%", ""]
     return lines
+
+
+def copy_summaries(run_dir: Path, dest: Path) -> list[Path]:
+    """Copy a run's small result files (JSON, YAML, text; not the prompts, vectors or subspace weights) to
+    `dest`, keeping the layout, so that a report can be committed with the numbers it was built from."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    copied = []
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".txt"):
+            target = dest / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied.append(target)
+    return copied
 
 
 def _levers_section(run_dir: Path, summary: dict[str, Any]) -> list[str]:

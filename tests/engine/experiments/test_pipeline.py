@@ -14,7 +14,7 @@ from ipt_engine.experiments.ablations import run_levers
 from ipt_engine.experiments.config import ExperimentConfig, StageSettings, load_config
 from ipt_engine.experiments.export import export_artifact
 from ipt_engine.experiments.pipeline import cap_per_family, run_experiment, trivial_score
-from ipt_engine.experiments.report import write_report
+from ipt_engine.experiments.report import copy_summaries, write_report
 from ipt_engine.subspace_artifact import load_artifact
 from ipt_engine.tasks import TaskKind
 from tests.conftest import make_task
@@ -114,6 +114,10 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     text = write_report(run_dir, tmp_path / "results.md", notes).read_text()
     assert "## Levers tried" in text and "Why the numbers differ." in text
     assert "| E_rel^PT, unseen tasks (d_I = 2) | 83% |" in text  # the run has no d_I = 250: its largest
+    copied = copy_summaries(run_dir, tmp_path / "published")
+    assert (tmp_path / "published" / "summary.json").is_file() and (tmp_path / "published" / "ablations").is_dir()
+    assert copied and all(p.suffix in (".json", ".yaml", ".txt") for p in copied)
+    assert not list((tmp_path / "published").rglob("*.safetensors"))
     assert (tmp_path / "results-pca.png").is_file() and (tmp_path / "results-e-rel.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="unknown lever"):
         run_levers(run_dir, only=["nope"])
