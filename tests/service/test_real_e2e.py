@@ -82,6 +82,7 @@ def test_shipped_subspace_beats_the_plm_without_a_prompt(service_settings: Setti
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """What `make run` serves: the default settings pick the shipped artifact, and a new 3-label task from 16
     examples per label, trained with the API's default training settings, beats the bare PLM."""
+    monkeypatch.delenv("IPT_SUBSPACE", raising=False)  # the service fixtures point it at a tiny test subspace
     assert Settings().subspace == DEFAULT_SUBSPACE, "the shipped subspace artifact is missing from the checkout"
     meta = read_metadata(DEFAULT_SUBSPACE)
     assert meta.backbone_id == real_backbone.backbone_id and meta.weights_dtype == "float16"
