@@ -53,7 +53,7 @@ from benchmarks.common import (
     redis_description,
     redis_server,
     subspace_shape,
-    sync,
+    timed,
 )
 
 BENCH_DEPS = ROOT / ".bench-deps"
@@ -156,15 +156,7 @@ def peft_answers(model: Any, tokenizer: Any, n_virtual: int, sources: Sequence[s
 
 def passes(fn: Any, repeats: int, device: torch.device) -> float:
     """Median seconds of `repeats` calls of fn after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return median(times)
+    return median(timed(fn, repeats, device))
 
 
 def main(argv: Sequence[str] | None = None) -> Report:

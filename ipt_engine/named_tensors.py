@@ -24,6 +24,14 @@ def load_named(path: str | Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
+def load_chunks(directory: str | Path) -> dict[str, Tensor]:
+    """Merge every chunk*.safetensors of an experiment stage directory (see ipt_engine.experiments.pipeline)."""
+    tensors: dict[str, Tensor] = {}
+    for chunk in sorted(Path(directory).glob("chunk*.safetensors")):
+        tensors.update(load_named(chunk))
+    return tensors
+
+
 def stack_for(tasks: Sequence[str], tensors: Mapping[str, Tensor], what: str) -> Tensor:
     """Stack the tensors of `tasks`, in order: [len(tasks), ...]. Names every missing task."""
     missing = [t for t in tasks if t not in tensors]

@@ -22,7 +22,7 @@ from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.ist import ZInit, intrinsic_subspace_tune
 from ipt_engine.metrics import e_abs, e_rel
 from ipt_engine.msf import find_subspace
-from ipt_engine.named_tensors import load_named, save_named, stack_for
+from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.subspace_artifact import load_artifact, save_artifact
 
@@ -73,10 +73,7 @@ def _variant_subspace(run: ExperimentRun, lever: Lever, d: int) -> tuple[ProjB, 
         alpha = lever.msf.get("alpha", cfg.alpha)
         prompts = None
         if with_proj:
-            main = {}
-            for chunk in sorted((run.dir / "pt" / "main").glob("chunk*.safetensors")):
-                main.update(load_named(chunk))
-            prompts = stack_for(run.train_names, main, "PT prompts")
+            prompts = stack_for(run.train_names, load_chunks(run.dir / "pt" / "main"), "PT prompts")
         tasks = run.tasks(run.train_names, cfg.data_seed)
         sub_cfg = SubspaceConfig(cfg.n_prompt, run.backbone.hidden_size, d, cfg.d_hidden, with_proj)
         result = find_subspace(run.backbone, tasks, cfg.msf.train_config(cfg.data_seed, cfg.max_new_tokens), sub_cfg,

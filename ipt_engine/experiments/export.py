@@ -19,21 +19,14 @@ from ipt_engine.evaluation import evaluate
 from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.experiments.report import CHALLENGE_TITLES, headline_rows
-from ipt_engine.named_tensors import load_named, stack_for
+from ipt_engine.named_tensors import load_chunks, stack_for
 from ipt_engine.subspace_artifact import WEIGHTS_FILE, load_artifact, save_artifact
-
-
-def _unseen_vectors(run_dir: Path, d: int) -> dict[str, torch.Tensor]:
-    vectors: dict[str, torch.Tensor] = {}
-    for chunk in sorted((run_dir / "ist" / f"dI{d}" / "unseen_tasks").glob("chunk*.safetensors")):
-        vectors.update(load_named(chunk))
-    return vectors
 
 
 def fp16_check(run: ExperimentRun, d: int, backbone: Backbone) -> dict[str, Any]:
     """Test scores of the unseen tasks' IST vectors decoded by Proj_b in fp32 and after an fp16 round trip."""
     proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
-    z_by_task = _unseen_vectors(run.dir, d)
+    z_by_task = load_chunks(run.dir / "ist" / f"dI{d}" / "unseen_tasks")
     names = [n for n in run.test_names if n in z_by_task]
     tasks = run.tasks(names, run.config.data_seed)
     z = stack_for(names, z_by_task, "IST vectors")

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from ipt_engine.metrics import e_abs, e_rel
-from ipt_engine.named_tensors import load_named
+from ipt_engine.named_tensors import load_chunks, load_named
 
 CHALLENGE_TITLES = {
     "seen_same_data": "seen tasks, same data",
@@ -71,9 +71,7 @@ def pca_plot(run_dir: Path, summary: dict[str, Any], out: Path) -> Path | None:
 
     d = summary["best_d"]
     train = load_named(run_dir / "msf" / f"dI{d}" / "task_vectors.safetensors")
-    unseen: dict[str, Any] = {}
-    for chunk in sorted((run_dir / "ist" / f"dI{d}" / "unseen_tasks").glob("chunk*.safetensors")):
-        unseen.update(load_named(chunk))
+    unseen = load_chunks(run_dir / "ist" / f"dI{d}" / "unseen_tasks")
     names = [*train, *unseen]
     if len(names) < 3:
         return None
