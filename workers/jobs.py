@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from rq import Queue, get_current_job
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from ipt_engine.errors import IPTError
@@ -55,7 +55,7 @@ def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb:
 def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
     settings = process_settings()
     job = get_current_job()
-    store = TaskStore(job.connection if job is not None else connect(settings))
+    store = TaskStore(job.connection if job is not None else connect(settings), vector_dtype=settings.vector_dtype)
     record = store.get(task_id)
     if record is None or record.status.is_final:
         log.info("task %s is gone or final (%s); nothing to do", task_id, record and record.status)
@@ -117,17 +117,19 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
 def _is_running(job_id: str, store: TaskStore) -> bool:
     try:
         return Job.fetch(job_id, connection=store.r).get_status() == JobStatus.STARTED
-    except NoSuchJobError:
+    except (NoSuchJobError, InvalidJobOperation):  # gone, or went between the fetch and the status read
         return False
 
 
 def delete_queued_job(connection: Any, job_id: str) -> None:
-    """Delete a job that has not started (its payload, the examples, goes with it)."""
+    """Delete a job that has not started (its payload, the examples, goes with it); nothing when it is gone,
+    also when a worker ends and removes it between our fetch and our status read (a cancel raced a 500)."""
     try:
         job = Job.fetch(job_id, connection=connection)
-    except NoSuchJobError:
+        status = job.get_status()
+    except (NoSuchJobError, InvalidJobOperation):
         return
-    if job.get_status() in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+    if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
         job.delete()
 
 

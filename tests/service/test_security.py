@@ -230,7 +230,7 @@ def test_api_keys_and_examples_never_reach_the_logs(env_settings: Settings, tmp_
         assert c.post(f"/tasks/{tid}/predict", json={"inputs": [f"{marker} the movie was good"]}).status_code == 200
         assert c.get("/tasks").status_code == 200 and c.get(f"/tasks/{tid}/similar").status_code == 200
         other = c.post("/tasks", json={"name": "logged_2", "train": train}).json()["id"]
-        c.post(f"/tasks/{other}/cancel")
+        assert c.post(f"/tasks/{other}/cancel").status_code in (200, 409)  # 409: the worker finished it first
         assert c.delete(f"/tasks/{tid}").status_code == 204
         for wrong in (f"Bearer {key}x", f"Token {key}", key):
             assert httpx.get(f"{base}/tasks", headers={"Authorization": wrong}).status_code == 401

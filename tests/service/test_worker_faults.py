@@ -60,3 +60,17 @@ def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: 
     finally:
         kill_process_group(worker)  # whatever is left of it (its scheduler process)
     assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
+
+
+def test_deleting_a_job_that_ends_meanwhile_is_a_no_op(env_settings: Settings) -> None:
+    """A cancel races the worker: the job can end (and RQ remove it) between our fetch and our status read.
+    Its status field gone while the hash is still there is that moment; it once made POST /cancel a 500."""
+    from workers.jobs import delete_queued_job
+
+    r = connect(env_settings)
+    job = Queue("ipt-race", connection=r).enqueue("builtins.print", "x", job_id="race-job")
+    r.hdel(job.key, "status")
+    delete_queued_job(r, job.id)  # must not raise
+    r.delete(job.key)
+    delete_queued_job(r, job.id)  # and nothing to do once it is gone
+    Queue("ipt-race", connection=r).empty()
