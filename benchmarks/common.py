@@ -301,21 +301,25 @@ class TaskWriter:
 
     def write(self, count: int, owner: str | Callable[[int], str] = BENCH_OWNER, batch: int = 1000) -> list[str]:
         """Write `count` succeeded tasks, owned by `owner` (or by owner(k) for the k-th); returns their ids in order."""
+        from service.task_store import STATUS_COUNTS_KEY, encode_vector, now_s
+
         r = self.store.r
         owner_of = owner if callable(owner) else (lambda _k: owner)
         ids: list[str] = []
         for begin in range(0, count, batch):
             pipe = r.pipeline(transaction=False)
-            for k in range(begin, min(begin + batch, count)):
+            end = min(begin + batch, count)
+            for k in range(begin, end):
                 task_id = uuid.uuid4().hex
                 who = owner_of(k)
-                now = time.time()
+                now = now_s()
                 mapping = {**self.template, "owner": who, "created_at": now, "started_at": now, "finished_at": now}
                 key = self.store._key(task_id)
                 pipe.hset(key, mapping=mapping)
-                pipe.set(f"{key}:z", self.random_z().tobytes())
+                pipe.set(f"{key}:z", encode_vector(self.random_z(), self.store.vector_dtype))
                 pipe.zadd(f"ipt:tenant:{who}:tasks", {task_id: now})  # as TaskStore.create
                 ids.append(task_id)
+            pipe.hincrby(STATUS_COUNTS_KEY, "succeeded", end - begin)  # as the store's status counters
             pipe.execute()
         self.check(ids[:: max(1, len(ids) // 5)][:5])
         return ids

@@ -1,13 +1,18 @@
 """Task records and task vectors in Redis: the one store module the API and the workers share.
 
-Per task only small metadata and the d_I float32 vector (raw bytes) are stored; never the examples,
-never a soft prompt. Keys:
-    ipt:task:{id}            hash: owner, name, kind, status, labels, timings, scores, progress, version
-    ipt:task:{id}:z          raw little-endian float32 bytes of z
+Per task only small metadata and the d_I vector z (raw bytes) are stored; never the examples, never a
+soft prompt. Keys:
+    ipt:task:{id}            hash: owner, name, kind, status, labels, timings, scores, progress, version;
+                             a succeeded task keeps only what its API view needs (memory per task is a
+                             target: see benchmarks/store_bench.py)
+    ipt:task:{id}:z          raw little-endian z: float16 (2 * d_I bytes, the default) or float32
+                             (4 * d_I bytes); the length tells which
     ipt:tenant:{owner}:tasks sorted set of the owner's task ids by creation time
     ipt:tenant:{owner}:active set of the owner's task ids that may still be queued or running (pruned
                              when counted, so a final or deleted task leaves it at the next count)
     ipt:idem:{sha256(owner, key)} task id created under an Idempotency-Key (24 h)
+    ipt:stats:tasks_by_status hash status -> number of tasks, kept in step with every transition (so /metrics
+                             never scans the keyspace); rebuilt atomically when it lacks its `_counted` mark
 `version` grows each time a vector is written, so caches keyed by (id, version) never serve a stale
 prompt, on any replica.
 """
@@ -27,6 +32,62 @@ import numpy as np
 import redis
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+
+STATUS_COUNTS_KEY = "ipt:stats:tasks_by_status"
+"""Hash: status -> number of stored tasks in it (plus `_counted`, set by the rebuild)."""
+
+DROPPED_ON_SUCCESS = ("progress_step", "progress_dev", "error", "claimed_by", "batch_tasks")
+"""Hash fields only a queued or running task needs; a succeeded task drops them (~60 bytes per task)."""
+
+VECTOR_DTYPES = {"float16": "<f2", "float32": "<f4"}
+"""How z may be stored: float16 halves the largest part of a task's memory (see `encode_vector`)."""
+
+FLOAT16_MAX = 65504.0
+
+_RECOUNT_SCRIPT = """
+local counts = {}
+local cursor = "0"
+repeat
+  local reply = redis.call("SCAN", cursor, "MATCH", "ipt:task:*", "COUNT", 1000)
+  cursor = reply[1]
+  for _, key in ipairs(reply[2]) do
+    if string.sub(key, -2) ~= ":z" then
+      local status = redis.call("HGET", key, "status")
+      if status then counts[status] = (counts[status] or 0) + 1 end
+    end
+  end
+until cursor == "0"
+redis.call("DEL", KEYS[1])
+for status, n in pairs(counts) do redis.call("HSET", KEYS[1], status, n) end
+redis.call("HSET", KEYS[1], "_counted", 1)
+return 1
+"""
+
+
+def now_s() -> float:
+    """Wall-clock time rounded to the millisecond, as stored (shorter hash values than full precision)."""
+    return round(time.time(), 3)
+
+
+def encode_vector(z: np.ndarray, dtype: str = "float16") -> bytes:
+    """z [d_I] as stored: little-endian `dtype`. float16 keeps 11 significant bits (relative error <= 2^-11,
+    far below what changes a prediction: see tests/engine/test_real_model.py); a z that float16 cannot hold
+    (beyond +-65504) is stored as float32."""
+    z = np.asarray(z, dtype=np.float32).reshape(-1)
+    if dtype == "float16" and np.all(np.abs(z) <= FLOAT16_MAX):
+        return z.astype("<f2").tobytes()
+    if dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, got {dtype!r}")
+    return z.astype("<f4").tobytes()
+
+
+def decode_vector(raw: bytes, d_intrinsic: int) -> np.ndarray:
+    """Stored bytes -> z as float32 [d_I]; float16 or float32, told apart by the length."""
+    if len(raw) == 2 * d_intrinsic:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if len(raw) == 4 * d_intrinsic:
+        return np.frombuffer(raw, dtype="<f4").copy()
+    raise ValueError(f"a stored vector of {len(raw)} bytes fits neither float16 nor float32 at d_I = {d_intrinsic}")
 
 
 class TaskStatus(StrEnum):
@@ -76,17 +137,24 @@ class TaskRecord:
             artifact_id=d.get("artifact_id", ""), created_at=float(d["created_at"]),
             started_at=opt_float("started_at"), finished_at=opt_float("finished_at"),
             dev_score=opt_float("dev_score"), steps=int(d["steps"]) if d.get("steps") else None,
-            progress_step=int(d.get("progress_step", 0)), progress_total=int(d.get("progress_total", 0)),
-            progress_dev=opt_float("progress_dev"),
+            # a succeeded task dropped its progress fields: it ended at its last step with its best dev score
+            progress_step=int(d.get("progress_step") or d.get("steps") or 0),
+            progress_total=int(d.get("progress_total", 0)),
+            progress_dev=opt_float("progress_dev") if "progress_dev" in d else opt_float("dev_score"),
             error=json.loads(d["error"]) if d.get("error") else None, version=int(d.get("version", 0)),
         )
 
 
 class TaskStore:
-    """Task metadata and vectors over one Redis connection (decode_responses must be off)."""
+    """Task metadata and vectors over one Redis connection (decode_responses must be off).
 
-    def __init__(self, client: redis.Redis) -> None:
+    `vector_dtype` is how vectors this store writes are kept ("float16" or "float32"); it reads either."""
+
+    def __init__(self, client: redis.Redis, vector_dtype: str = "float16") -> None:
+        if vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, got {vector_dtype!r}")
         self.r = client
+        self.vector_dtype = vector_dtype
 
     @staticmethod
     def _key(task_id: str) -> str:
@@ -98,7 +166,7 @@ class TaskStore:
         """Create a queued task; returns (record, created). With an Idempotency-Key already used by this
         owner, returns the task created then and created=False."""
         task_id = uuid.uuid4().hex
-        now = time.time()
+        now = now_s()
         mapping = {"owner": owner, "name": name, "kind": kind, "status": TaskStatus.QUEUED.value,
                    "labels": json.dumps(labels) if labels else "", "d_intrinsic": d_intrinsic,
                    "artifact_id": artifact_id, "created_at": now, "version": 0}
@@ -106,6 +174,7 @@ class TaskStore:
         pipe.hset(self._key(task_id), mapping=mapping)
         pipe.zadd(f"ipt:tenant:{owner}:tasks", {task_id: now})
         pipe.sadd(self._active_key(owner), task_id)
+        pipe.hincrby(STATUS_COUNTS_KEY, TaskStatus.QUEUED.value, 1)
         pipe.execute()
         if idempotency_key:
             # the task exists before the key points at it, so a concurrent request never sees a dangling key
@@ -171,32 +240,35 @@ class TaskStore:
         """(z as float32 [d_I], version) of a trained task."""
         pipe = self.r.pipeline()
         pipe.get(f"{self._key(task_id)}:z")
-        pipe.hget(self._key(task_id), "version")
-        raw, version = pipe.execute()
-        if raw is None or version is None:
+        pipe.hmget(self._key(task_id), "version", "d_intrinsic")
+        raw, (version, d_intrinsic) = pipe.execute()
+        if raw is None or version is None or d_intrinsic is None:
             return None
-        return np.frombuffer(raw, dtype="<f4").copy(), int(version)
+        return decode_vector(raw, int(d_intrinsic)), int(version)
 
     def vectors(self, owner: str) -> dict[str, np.ndarray]:
-        """Every trained vector of an owner (for similarity search)."""
+        """Every trained vector of an owner (for similarity search), as float32 [d_I]."""
         ids = [i.decode() for i in self.r.zrange(f"ipt:tenant:{owner}:tasks", 0, -1)]
         pipe = self.r.pipeline()
         for i in ids:
             pipe.get(f"{self._key(i)}:z")
-        return {i: np.frombuffer(raw, dtype="<f4").copy() for i, raw in zip(ids, pipe.execute(), strict=True) if raw}
+            pipe.hget(self._key(i), "d_intrinsic")
+        out = pipe.execute()
+        return {i: decode_vector(raw, int(d)) for i, raw, d in zip(ids, out[0::2], out[1::2], strict=True)
+                if raw and d}
 
     # ---------------------------------------------------------------------------------- state changes
     def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any]) -> bool:
         """Apply `mapping` only when the task exists and is in one of `allowed` states (atomically)."""
-        final = "status" in mapping and TaskStatus(mapping["status"]).is_final
+        to = TaskStatus(mapping["status"]) if "status" in mapping else None
         return self._transition(task_id, allowed, lambda pipe, key: pipe.hset(
-            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}), final=final)
+            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}), to=to)
 
     def _transition(self, task_id: str, allowed: set[TaskStatus], write: Callable[[Any, str], Any],
-                    final: bool = False) -> bool:
+                    to: TaskStatus | None = None) -> bool:
         """Run `write(pipeline, key)` in a transaction, only while the task is in an `allowed` state
-        (optimistic locking with WATCH: a concurrent change retries the check). A `final` transition also
-        takes the task out of its owner's active set."""
+        (optimistic locking with WATCH: a concurrent change retries the check). A change of status to `to`
+        moves the task between the status counters; a final `to` also takes it out of its owner's active set."""
         key = self._key(task_id)
         with self.r.pipeline() as pipe:
             while True:
@@ -208,7 +280,10 @@ class TaskStore:
                         return False
                     pipe.multi()
                     write(pipe, key)
-                    if final and owner is not None:
+                    if to is not None and to.value != status.decode():
+                        pipe.hincrby(STATUS_COUNTS_KEY, status.decode(), -1)
+                        pipe.hincrby(STATUS_COUNTS_KEY, to.value, 1)
+                    if to is not None and to.is_final and owner is not None:
                         pipe.srem(self._active_key(owner.decode()), task_id)
                     pipe.execute()
                     return True
@@ -218,14 +293,14 @@ class TaskStore:
     def mark_running(self, task_id: str, total_steps: int, batch_tasks: int = 1) -> bool:
         """Queued (or running, on a retry) -> running; `batch_tasks` records how many tasks train together."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
-                               {"status": TaskStatus.RUNNING.value, "started_at": time.time(),
+                               {"status": TaskStatus.RUNNING.value, "started_at": now_s(),
                                 "progress_total": total_steps, "progress_step": 0, "batch_tasks": batch_tasks})
 
     def claim(self, task_id: str, job_id: str) -> bool:
         """Queued -> running, only if still queued: job `job_id` takes the task into its batch (and
         remembers it, so that a retry of that job takes it again)."""
         if not self._update_if(task_id, {TaskStatus.QUEUED}, {"status": TaskStatus.RUNNING.value,
-                                                              "started_at": time.time(), "claimed_by": job_id}):
+                                                              "started_at": now_s(), "claimed_by": job_id}):
             return False
         self.r.sadd(f"ipt:claims:{job_id}", task_id)
         self.r.expire(f"ipt:claims:{job_id}", IDEMPOTENCY_TTL_S)
@@ -244,42 +319,62 @@ class TaskStore:
         self._update_if(task_id, {TaskStatus.RUNNING}, {"progress_step": step, "progress_dev": dev})
 
     def mark_succeeded(self, task_id: str, z: np.ndarray, dev_score: float, steps: int) -> bool:
-        """Store z and finish the task, unless it was cancelled or deleted meanwhile."""
+        """Store z [d_I] (as `vector_dtype`) and finish the task, unless it was cancelled or deleted meanwhile.
+        The fields only a running task needs go (see DROPPED_ON_SUCCESS)."""
+        encoded = encode_vector(z, self.vector_dtype)
+
         def write(pipe: Any, key: str) -> None:
-            pipe.set(f"{key}:z", np.asarray(z, dtype="<f4").tobytes())
-            pipe.hset(key, mapping={"status": TaskStatus.SUCCEEDED.value, "finished_at": time.time(),
-                                    "dev_score": dev_score, "steps": steps, "error": ""})
+            pipe.set(f"{key}:z", encoded)
+            pipe.hset(key, mapping={"status": TaskStatus.SUCCEEDED.value, "finished_at": now_s(),
+                                    "dev_score": round(float(dev_score), 6), "steps": steps})
+            pipe.hdel(key, *DROPPED_ON_SUCCESS)
             pipe.hincrby(key, "version", 1)
 
-        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, final=True)
+        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, to=TaskStatus.SUCCEEDED)
 
     def mark_failed(self, task_id: str, code: str, message: str) -> bool:
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
-                               {"status": TaskStatus.FAILED.value, "finished_at": time.time(),
+                               {"status": TaskStatus.FAILED.value, "finished_at": now_s(),
                                 "error": json.dumps({"code": code, "message": message[:2000]})})
 
     def cancel(self, task_id: str) -> bool:
         """Queued or running -> cancelled (a running job notices and stops). False when already final."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
-                               {"status": TaskStatus.CANCELLED.value, "finished_at": time.time()})
+                               {"status": TaskStatus.CANCELLED.value, "finished_at": now_s()})
 
     def delete(self, task_id: str, owner: str) -> bool:
-        record = self.get(task_id, owner)
-        if record is None:
-            return False
-        pipe = self.r.pipeline()
-        pipe.delete(self._key(task_id), f"{self._key(task_id)}:z")
-        pipe.zrem(f"ipt:tenant:{owner}:tasks", task_id)
-        pipe.srem(self._active_key(owner), task_id)
-        pipe.execute()
-        return True
+        """Delete the owner's task (record, vector, index entries); False when it is not theirs or gone."""
+        key = self._key(task_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # the status counters must lose the status the task has when it goes
+                    status, stored_owner = pipe.hmget(key, "status", "owner")
+                    if status is None or stored_owner is None or stored_owner.decode() != owner:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.delete(key, f"{key}:z")
+                    pipe.zrem(f"ipt:tenant:{owner}:tasks", task_id)
+                    pipe.srem(self._active_key(owner), task_id)
+                    pipe.hincrby(STATUS_COUNTS_KEY, status.decode(), -1)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def count_by_status(self) -> dict[str, int]:
+        """Stored tasks by status, from the counters (one HGETALL). Counters written before they were kept
+        (an older store) or lost are rebuilt first, atomically, by one scan of the tasks."""
+        raw = self.r.hgetall(STATUS_COUNTS_KEY)
+        if b"_counted" not in raw:
+            self.recount_by_status()
+            raw = self.r.hgetall(STATUS_COUNTS_KEY)
         counts = dict.fromkeys((s.value for s in TaskStatus), 0)
-        for key in self.r.scan_iter(match="ipt:task:*", count=1000):
-            if key.endswith(b":z"):
-                continue
-            status = self.r.hget(key, "status")
-            if status:
-                counts[status.decode()] = counts.get(status.decode(), 0) + 1
+        counts.update({k.decode(): int(v) for k, v in raw.items() if k != b"_counted"})
         return counts
+
+    def recount_by_status(self) -> None:
+        """Rebuild the status counters from the tasks themselves, in one Lua script (so no transition lands
+        half-counted); it blocks Redis for one scan of the keyspace (~0.1 s per 100k tasks)."""
+        self.r.eval(_RECOUNT_SCRIPT, 1, STATUS_COUNTS_KEY)

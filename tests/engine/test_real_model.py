@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.evaluation import evaluate
+from ipt_engine.evaluation import evaluate, predict
 from ipt_engine.ist import intrinsic_subspace_tune
 from ipt_engine.model_loading import load_smollm2
+from ipt_engine.tasks import Task
 from ipt_engine.training import TrainConfig
 from tests.conftest import CategoryStudy
 
@@ -60,3 +61,18 @@ def test_ist_in_a_learned_subspace_beats_z0_and_no_prompt_and_pt_beats_no_prompt
     assert test["IST"] > test["z=0"]
     assert test["IST"] > test["no prompt"]
     assert test["PT"] > test["no prompt"]
+    assert_float16_storage_keeps_predictions(bb, target, study, ist.z)
+
+
+def assert_float16_storage_keeps_predictions(bb: Backbone, target: Task, study: CategoryStudy, z: torch.Tensor) -> None:
+    """The service stores z as float16 by default (service.task_store): the trained z, rounded so, must
+    give the same answer on every test input, with option probabilities within 1e-2."""
+    assert z.abs().max() > 1.0  # a trained z, not a near-zero one that rounding could not hurt
+    with torch.no_grad():
+        prompts = study.msf.subspace.decode(torch.stack([z, z.half().float()])).to(bb.device)
+    full, half = predict(bb, [target, target], [target.test, target.test], prompts)
+    assert [p.output for p in half] == [p.output for p in full]
+    gap = max(abs(a - b) for p, q in zip(full, half, strict=True)
+              for a, b in zip(p.probabilities or (), q.probabilities or (), strict=True))
+    print(f"float16 z: same {len(full)} answers, largest option-probability change {gap:.1e}")
+    assert gap < 1e-2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 
@@ -179,16 +181,16 @@ def test_cancelled_queued_task_leaves_no_job_behind(alice: httpx.Client, env_set
         Job.fetch(tid, connection=connection)  # ...and gone with it
 
 
-def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings: Settings) -> None:
-    from service.redis_connection import connect
-
+def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings: Settings,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     run_worker_burst(env_settings)  # an empty queue first: only these three tasks are waiting
     ids = [create(alice, name=f"batched_{i}")["id"] for i in range(3)]
-    run_worker_burst(env_settings)
-    connection = connect(env_settings)
+    with caplog.at_level(logging.INFO, logger="workers.jobs"):
+        run_worker_burst(env_settings)
+    runs = [r.getMessage() for r in caplog.records if r.name == "workers.jobs" and "batched run" in r.getMessage()]
+    assert len(runs) == 1 and runs[0].startswith("IST of 3 task(s)") and all(t in runs[0] for t in ids), runs
     for tid in ids:
         assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
-        assert connection.hget(f"ipt:task:{tid}", "batch_tasks") == b"3"
 
 
 def test_same_task_name_from_two_tenants_trains_in_one_batch(alice: httpx.Client, bob: httpx.Client,

@@ -70,7 +70,7 @@ def test_task_vectors_survive_redis_restarts_byte_for_byte(own_redis: RedisProce
     with running_app(own_settings) as base, client_for(base, "key-alice") as alice:
         ids = _create_trained(alice, own_settings, ["aof_a", "aof_b", "aof_c"])
         before = _vectors(own_redis)
-        assert len(before) == 3 and all(len(v) == 4 * 4 for v in before.values())  # d_I = 4 float32
+        assert len(before) == 3 and all(len(v) == 4 * 2 for v in before.values())  # d_I = 4, float16 (the default)
         predictions = {tid: _predict(alice, tid) for tid in ids}
 
         own_redis.restart(signal.SIGTERM)  # a clean shutdown (what Kubernetes sends first)
