@@ -8,8 +8,8 @@ task of the tests, 16 examples per label for training, 8 per label for dev), sam
   SAMPLE_VOCAB init, AdamW, its own forward and loss) trains until its dev accuracy reaches the target. Times are
   wall times from the start of training to the evaluation that first reached the target, evaluations included;
 - bytes stored per task: the PEFT adapter files (save_pretrained: adapter_model.safetensors + adapter_config.json)
-  against our d_I float32 values, and what the task takes in Redis with its metadata (MEMORY USAGE, written by
-  the service's TaskStore into a private redis-server);
+  against our d_I values as the service stores them (float16 by default), and what the task takes in Redis with
+  its metadata (MEMORY USAGE, written by the service's TaskStore into a private redis-server);
 - inference: PEFT puts one prompt on a whole batch, so K requests of K different tasks take K forward passes
   (set_adapter between them); ours answers them in one mixed forward (the service's MicroBatcher.run_batch).
   PEFT scores each answer option as its own sequence (the usual way with a PEFT model); ours scores the options on
@@ -19,7 +19,7 @@ PEFT is installed for the benchmarks only: `bash benchmarks/setup.sh` (into .ben
 
 Run:
     bash benchmarks/setup.sh                                   # once: PEFT into .bench-deps/
-    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~8 min on 2 CPU cores
     .venv/bin/python benchmarks/peft_bench.py --subspace DIR --pt-steps 100 --infer-tasks 32
     .venv/bin/python benchmarks/peft_bench.py --quick          # smoke run with a tiny model (seconds)
 """
@@ -74,8 +74,8 @@ def import_peft() -> Any:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, random_subspace=False)
-    parser.add_argument("--ist-steps", type=int, default=None, help="IST max steps (default 25; --quick 4)")
-    parser.add_argument("--pt-steps", type=int, default=None, help="PEFT PT max steps (default 35; --quick 6)")
+    parser.add_argument("--ist-steps", type=int, default=None, help="IST max steps (default 100; --quick 4)")
+    parser.add_argument("--pt-steps", type=int, default=None, help="PEFT PT max steps (default 100; --quick 6)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="training rows per step, both methods")
     parser.add_argument("--patience", type=int, default=5, help="IST: evaluations without improvement before it stops")
@@ -92,8 +92,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
-    args.ist_steps = args.ist_steps or (4 if quick else 25)
-    args.pt_steps = args.pt_steps or (6 if quick else 35)
+    args.ist_steps = args.ist_steps or (4 if quick else 100)
+    args.pt_steps = args.pt_steps or (6 if quick else 100)
     args.eval_every = args.eval_every or (2 if quick else 5)
     args.infer_tasks = args.infer_tasks or (4 if quick else 16)
     return args
@@ -170,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.tasks import Example, TaskHead, TaskKind
     from ipt_engine.training import TrainConfig
     from service.predictor import Item, MicroBatcher
-    from service.task_store import TaskStore
+    from service.settings import Settings
+    from service.task_store import TaskStore, encode_vector
     from tests.engine.category_tasks import RELATED, TARGET, category_task
     from workers.runtime import Runtime
 
@@ -251,9 +252,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         model.save_pretrained(str(adapter_dir))
         adapter_files = {f.name: f.stat().st_size for f in adapter_dir.iterdir() if f.is_file()}
         adapter_bytes = sum(v for k, v in adapter_files.items() if k.startswith("adapter_"))
-        z_bytes = ist.z.numel() * 4
+        z_bytes = len(encode_vector(ist.z.numpy(), store_dtype := Settings().vector_dtype))  # as the service stores z
         url = stack.enter_context(redis_server(setup.workdir))
-        store = TaskStore(redis_lib.Redis.from_url(url))
+        store = TaskStore(redis_lib.Redis.from_url(url), vector_dtype=store_dtype)
         artifact_id = f"{artifact.metadata.backbone_id}/dI{config.d_intrinsic}/{artifact.metadata.created_at}"
         record, _ = store.create("public", task.name, task.kind.value, labels, config.d_intrinsic, artifact_id)
         store.mark_running(record.id, args.ist_steps)
@@ -328,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                    f"{ist_trace.best:.3f} ({ist.steps} steps, {ist_trace.total_s:.1f} s)", "-")
         report.add("PEFT's dev accuracy scored by its own forward (same prompt)", f"{peft_own_dev:.3f}", "-", "-")
         report.add("bytes stored per task", f"{adapter_bytes:,} B (adapter files)",
-                   f"{z_bytes:,} B z; {redis_bytes:,} B in Redis with metadata",
+                   f"{z_bytes:,} B z ({store_dtype}); {redis_bytes:,} B in Redis with metadata",
                    f"PEFT / ours = {adapter_bytes / redis_bytes:.1f} (Redis), {adapter_bytes / z_bytes:.0f} (z)")
         report.add(f"{k_tasks} requests of {k_tasks} different tasks", f"{k_tasks / peft_per_task_s:.2f} examples/s "
                    f"({k_tasks} forwards)", f"{k_tasks / ours_mixed_s:.2f} examples/s (1 mixed forward)",

@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--counts", default=None,
                         help="stored-task levels, comma separated (default 1000,10000,100000; --quick: 100,400,2000)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="predict requests per mode and level (default: 20 on CPU, 200 on CUDA, 4 with --quick)")
+                        help="predict requests per mode and level (default: 50 on CPU, 200 on CUDA, 4 with --quick)")
     parser.add_argument("--owners", type=int, default=100,
                         help="tenants the stored tasks are spread over; the served (open-mode) tenant owns one task in "
                              "ten, the others share the rest")
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         settings = service_settings(setup, redis_url)
         runtime = load_runtime(settings)
         device = runtime.backbone.device
-        n_requests = args.requests or (4 if args.quick else 200 if device.type == "cuda" else 20)
+        n_requests = args.requests or (4 if args.quick else 200 if device.type == "cuda" else 50)
         store = TaskStore(connect(settings))
         r = store.r
         name, labels, inputs = category_inputs()

@@ -3,6 +3,8 @@ the prompt cache is keyed by (task, version) and bounded."""
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from ipt_engine.backbone import Backbone
@@ -51,3 +53,33 @@ def test_prompt_cache_is_keyed_by_version_and_bounded() -> None:
     cache.get_or_compute("u", 1, make(3.0))
     cache.get_or_compute("v", 1, make(4.0))
     assert len(cache) == 2 and calls == [1.0, 2.0, 3.0, 4.0]
+
+
+class _RecordingBatcher(MicroBatcher):
+    """The real batcher, remembering how many items each forward pass got."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.sizes: list[int] = []
+
+    def run_batch(self, items: list[Item]):  # type: ignore[no-untyped-def]
+        self.sizes.append(len(items))
+        return super().run_batch(items)
+
+
+def test_items_already_waiting_fill_the_batch_without_waiting(tiny_causal: Backbone) -> None:
+    """40 items queued at once with no wait allowed: forwards of 32 and 8, not 40 of one (under load the
+    HTTP work between awaited items used to run out the wait at about half a batch)."""
+    head = TaskHead("sentiment", TaskKind.CLASSIFICATION, ("positive", "negative"))
+    prompt = torch.randn(2, tiny_causal.hidden_size)
+    items = [Item(("a", 1), head, prompt, Example(f"the movie was number {i}", "")) for i in range(40)]
+
+    async def scenario() -> list[int]:
+        batcher = _RecordingBatcher(_runtime(tiny_causal), max_size=32, max_wait_s=0.0)
+        batcher.start()
+        answers = await batcher.submit(items)
+        await batcher.stop()
+        assert len(answers) == 40
+        return batcher.sizes
+
+    assert asyncio.run(scenario()) == [32, 8]
