@@ -33,5 +33,6 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> bool:
     connection = connect(settings)
     set_process_settings(settings)
     load_runtime(settings)  # before the first job, so that no job pays the load
+    import workers.jobs  # noqa: F401  RQ imports a job's function on first use; ~1.7 s the first job paid
     worker = SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection)
     return bool(worker.work(burst=burst, with_scheduler=True))

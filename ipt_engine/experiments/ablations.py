@@ -109,7 +109,7 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
                                                                                           cfg.max_new_tokens),
                                       init=lever.init, known_vectors=known)
     with torch.no_grad():
-        test = run._test_scores(tasks, proj_b(torch.stack([r.z for r in results])))
+        test = run.test_scores(tasks, proj_b(torch.stack([r.z for r in results])))
     per_task = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step}
                 for r, s in zip(results, test, strict=True)}
     out = {"lever": lever.name, "description": lever.description, "d_intrinsic": d, "per_task": per_task,

@@ -172,7 +172,8 @@ class ExperimentRun:
             tensors.update(ten)
         return results, tensors
 
-    def _test_scores(self, tasks: list[Task], prompts: Tensor) -> list[float]:
+    def test_scores(self, tasks: list[Task], prompts: Tensor) -> list[float]:
+        """Each task's test score with its prompt: prompts [len(tasks), n, d] (the run's evaluator and settings)."""
         return evaluate(self.backbone, tasks, prompts.to(self.backbone.device), "test",
                         max_new_tokens=self.config.max_new_tokens)
 
@@ -187,7 +188,7 @@ class ExperimentRun:
             init = stack_for([t.name for t in chunk], initial, "initial prompts") if initial else None
             result = prompt_tune(self.backbone, chunk, cfg.pt.train_config(train_seed, cfg.max_new_tokens),
                                  n_prompt=cfg.n_prompt, initial_prompts=init)
-            test = self._test_scores(chunk, result.prompts)
+            test = self.test_scores(chunk, result.prompts)
             res = {t.name: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
                             "error": r.error} for t, r, s in zip(chunk, result.train.tasks, test, strict=True)}
             return res, {t.name: result.prompts[i] for i, t in enumerate(chunk)}
@@ -241,7 +242,7 @@ class ExperimentRun:
         tasks = self.tasks(self.train_names, self.config.data_seed)
         with torch.no_grad():
             recon = sub.reconstruct(stack_for(self.train_names, train_prompts, "PT prompts"))
-        scores = self._timed("recon", lambda: self._test_scores(tasks, recon))
+        scores = self._timed("recon", lambda: self.test_scores(tasks, recon))
         out = dict(zip(self.train_names, scores, strict=True))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")
@@ -261,7 +262,7 @@ class ExperimentRun:
                                               cfg.ist.train_config(cfg.data_seed, cfg.max_new_tokens))
             z = torch.stack([r.z for r in results])
             with torch.no_grad():
-                test = self._test_scores(chunk, proj_b(z))
+                test = self.test_scores(chunk, proj_b(z))
             res = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step}
                    for r, s in zip(results, test, strict=True)}
             return res, {r.task: r.z for r in results}
