@@ -19,7 +19,7 @@ PEFT is installed for the benchmarks only: `bash benchmarks/setup.sh` (into .ben
 
 Run:
     bash benchmarks/setup.sh                                   # once: PEFT into .bench-deps/
-    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~8 min on 2 CPU cores
+    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~10-15 min on 2 CPU cores
     .venv/bin/python benchmarks/peft_bench.py --subspace DIR --pt-steps 100 --infer-tasks 32
     .venv/bin/python benchmarks/peft_bench.py --quick          # smoke run with a tiny model (seconds)
 """
@@ -74,11 +74,14 @@ def import_peft() -> Any:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, random_subspace=False)
-    parser.add_argument("--ist-steps", type=int, default=None, help="IST max steps (default 100; --quick 4)")
-    parser.add_argument("--pt-steps", type=int, default=None, help="PEFT PT max steps (default 100; --quick 6)")
+    parser.add_argument("--ist-steps", type=int, default=None,
+                        help="IST max steps (default 200, the service's; --quick 4)")
+    parser.add_argument("--pt-steps", type=int, default=None, help="PEFT PT max steps (default 200, as IST; --quick 6)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="training rows per step, both methods")
-    parser.add_argument("--patience", type=int, default=5, help="IST: evaluations without improvement before it stops")
+    parser.add_argument("--patience", type=int, default=None,
+                        help="IST: evaluations without improvement before it stops (default: as many steps as the "
+                             "service's default training allows, 50; --quick 5)")
     parser.add_argument("--ist-lr", type=float, default=1.0, help="IST learning rate (the service's default)")
     parser.add_argument("--pt-lr", type=float, default=0.1,
                         help="PEFT PT learning rate (AdamW; the repo's real-model PT test uses 0.1)")
@@ -92,9 +95,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
-    args.ist_steps = args.ist_steps or (4 if quick else 100)
-    args.pt_steps = args.pt_steps or (6 if quick else 100)
+    args.ist_steps = args.ist_steps or (4 if quick else 200)  # the service's default max_steps
+    args.pt_steps = args.pt_steps or (6 if quick else 200)
     args.eval_every = args.eval_every or (2 if quick else 5)
+    args.patience = args.patience or (5 if quick else max(1, 50 // args.eval_every))  # service: 5 evals x 10 steps
     args.infer_tasks = args.infer_tasks or (4 if quick else 16)
     return args
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import peft_bench
+from service.settings import Settings
 from tests.benchmarks.conftest import finite_positive
 
 
@@ -29,6 +30,7 @@ def test_peft_bench_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert v["ist_time_to_target"] is not None and v["ist_time_to_target"] > 0
     # the PEFT prompt scored by PEFT's own forward and by the project's evaluator: the same rank classification
     assert v["peft_own_dev"] == pytest.approx(v["peft_shared_dev"], abs=1 / 24 + 1e-9)
-    # the adapter stores n x d floats; a task of ours d_I floats (and its metadata in Redis)
-    assert v["adapter_bytes"] > v["z_bytes"] and v["redis_bytes"] > v["z_bytes"] == 4 * 8
+    # the adapter stores n x d floats; a task of ours d_I floats as the service stores them (and its metadata)
+    assert v["adapter_bytes"] > v["z_bytes"] and v["redis_bytes"] > v["z_bytes"] == 8 * {"float16": 2, "float32": 4}[
+        Settings().vector_dtype]
     assert finite_positive([v["peft_per_task_throughput"], v["ours_mixed_throughput"]])
