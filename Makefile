@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(VENV)/bin/ipt serve
 
-## Run every test, the real-model ones included (what CI runs).
+## Run every test, the real-model and real-data ones included (what CI runs). The BIG-bench sdist is fetched
+## first (once, into the cache) for the real-data test; without a registry that test skips and says why.
 test: install
+	$(VENV)/bin/ipt data fetch || echo "could not fetch the BIG-bench sdist: the real-data test will skip"
 	$(PY) -m pytest
 
 ## Tests without the real model (a minute).

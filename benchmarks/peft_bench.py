@@ -19,7 +19,7 @@ PEFT is installed for the benchmarks only: `bash benchmarks/setup.sh` (into .ben
 
 Run:
     bash benchmarks/setup.sh                                   # once: PEFT into .bench-deps/
-    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~10-15 min on 2 CPU cores
+    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~10-15 min, 2 cores
     .venv/bin/python benchmarks/peft_bench.py --subspace DIR --pt-steps 100 --infer-tasks 32
     .venv/bin/python benchmarks/peft_bench.py --quick          # smoke run with a tiny model (seconds)
 """

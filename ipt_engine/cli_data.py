@@ -23,6 +23,14 @@ def default_pool_dir() -> Path:
 
 
 @data_app.command()
+def fetch(cache_dir: Annotated[Path | None, typer.Option(help="where the sdist is downloaded")] = None) -> None:
+    """Only download the BIG-bench sdist (pip, never installed) into the cache; `prepare` converts it."""
+    with console.status("fetching the BIG-bench sdist with pip (358 MB, once)"):
+        sdist = download_sdist(cache_dir or default_cache_dir() / "bigbench")
+    console.print(f"BIG-bench sdist at {sdist}")
+
+
+@data_app.command()
 def prepare(pool: Annotated[Path | None, typer.Option(help="pool directory to write (default: <cache>/pool)")] = None,
             sdist: Annotated[Path | None, typer.Option(help="a bigbench-1.0.0.tar.gz already on disk")] = None,
             cache_dir: Annotated[Path | None, typer.Option(help="where the sdist is downloaded")] = None,

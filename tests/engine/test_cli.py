@@ -88,6 +88,15 @@ def test_data_prepare_writes_pool_and_splits(tmp_path: Path) -> None:
     assert len(index["tasks"]) == 5
 
 
+def test_data_fetch_keeps_an_sdist_already_in_the_cache(tmp_path: Path) -> None:
+    from tests.engine.data.fixtures import write_fake_sdist
+
+    sdist = write_fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    before = sdist.stat().st_mtime_ns
+    out = _ok(["data", "fetch", "--cache-dir", str(tmp_path)])
+    assert str(sdist) in out.replace("\n", "") and sdist.stat().st_mtime_ns == before  # found, not fetched again
+
+
 def test_experiment_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["experiment", "report", str(tmp_path)])
     assert result.exit_code != 0 and "summary.json is missing" in str(result.exception)
