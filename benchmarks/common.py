@@ -301,7 +301,7 @@ class TaskWriter:
 
     def write(self, count: int, owner: str | Callable[[int], str] = BENCH_OWNER, batch: int = 1000) -> list[str]:
         """Write `count` succeeded tasks, owned by `owner` (or by owner(k) for the k-th); returns their ids in order."""
-        from service.task_store import STATUS_COUNTS_KEY, encode_vector, now_s
+        from service.task_store import STATUS_COUNTS_KEY, TaskStatus, encode_vector, now_s
 
         r = self.store.r
         owner_of = owner if callable(owner) else (lambda _k: owner)
@@ -319,7 +319,7 @@ class TaskWriter:
                 pipe.set(f"{key}:z", encode_vector(self.random_z(), self.store.vector_dtype))
                 pipe.zadd(f"ipt:tenant:{who}:tasks", {task_id: now})  # as TaskStore.create
                 ids.append(task_id)
-            pipe.hincrby(STATUS_COUNTS_KEY, "succeeded", end - begin)  # as the store's status counters
+            pipe.hincrby(STATUS_COUNTS_KEY, TaskStatus.SUCCEEDED.value, end - begin)  # as the store's counters
             pipe.execute()
         self.check(ids[:: max(1, len(ids) // 5)][:5])
         return ids

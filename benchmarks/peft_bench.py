@@ -256,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
         model.save_pretrained(str(adapter_dir))
         adapter_files = {f.name: f.stat().st_size for f in adapter_dir.iterdir() if f.is_file()}
         adapter_bytes = sum(v for k, v in adapter_files.items() if k.startswith("adapter_"))
-        z_bytes = len(encode_vector(ist.z.numpy(), store_dtype := Settings().vector_dtype))  # as the service stores z
+        store_dtype = Settings().vector_dtype
+        z_bytes = len(encode_vector(ist.z.numpy(), store_dtype))  # as the service stores z
         url = stack.enter_context(redis_server(setup.workdir))
         store = TaskStore(redis_lib.Redis.from_url(url), vector_dtype=store_dtype)
         artifact_id = f"{artifact.metadata.backbone_id}/dI{config.d_intrinsic}/{artifact.metadata.created_at}"

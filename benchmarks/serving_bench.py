@@ -63,6 +63,7 @@ from benchmarks.common import (
     service_settings,
     subspace_shape,
     sync,
+    timed,
 )
 
 
@@ -109,17 +110,13 @@ def plm_batching(backbone: object, name: str, labels: Sequence[str], inputs: Seq
         predict(backbone, [head], [[e]], prompt)  # warm-up
     predict(backbone, [head], [examples], prompt)
     sync(device)
-    singles, batched = [], []
+    singles = []
     for e in examples:  # `batch` single calls: their median is steady enough
         start = time.perf_counter()
         predict(backbone, [head], [[e]], prompt)
         sync(device)
         singles.append(time.perf_counter() - start)
-    for _ in range(repeats):
-        start = time.perf_counter()
-        predict(backbone, [head], [examples], prompt)
-        sync(device)
-        batched.append(time.perf_counter() - start)
+    batched = timed(lambda: predict(backbone, [head], [examples], prompt), repeats, device, warmup=0)
     one, many = median(singles), median(batched)
     return 1 / one, batch / many, one, many
 

@@ -25,9 +25,12 @@ def default_pool_dir() -> Path:
 @data_app.command()
 def fetch(cache_dir: Annotated[Path | None, typer.Option(help="where the sdist is downloaded")] = None) -> None:
     """Only download the BIG-bench sdist (pip, never installed) into the cache; `prepare` converts it."""
+    console.print(f"BIG-bench sdist at {_fetch_sdist(cache_dir)}")
+
+
+def _fetch_sdist(cache_dir: Path | None) -> Path:
     with console.status("fetching the BIG-bench sdist with pip (358 MB, once)"):
-        sdist = download_sdist(cache_dir or default_cache_dir() / "bigbench")
-    console.print(f"BIG-bench sdist at {sdist}")
+        return download_sdist(cache_dir or default_cache_dir() / "bigbench")
 
 
 @data_app.command()
@@ -40,8 +43,7 @@ def prepare(pool: Annotated[Path | None, typer.Option(help="pool directory to wr
     """Download the BIG-bench sdist (pip, never installed), convert its JSON tasks, write the index and splits."""
     pool_dir = pool or default_pool_dir()
     if sdist is None:
-        with console.status("fetching the BIG-bench sdist with pip (358 MB, once)"):
-            sdist = download_sdist(cache_dir or default_cache_dir() / "bigbench")
+        sdist = _fetch_sdist(cache_dir)
     with console.status(f"converting tasks from {sdist.name}"):
         summary = prepare_pool(sdist, pool_dir, ConversionRules())
     task_pool = TaskPool(pool_dir)

@@ -95,9 +95,6 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            batch = [(i, f) for i, f in batch if not f.done()]  # the request went away
-            if not batch:
-                continue
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_size:
                 # what already waits joins at once: awaiting each item would hand the event loop to the HTTP

@@ -36,7 +36,7 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 STATUS_COUNTS_KEY = "ipt:stats:tasks_by_status"
 """Hash: status -> number of stored tasks in it (plus `_counted`, set by the rebuild)."""
 
-DROPPED_ON_SUCCESS = ("progress_step", "progress_dev", "error", "claimed_by", "batch_tasks")
+DROPPED_ON_SUCCESS = ("progress_step", "progress_dev", "error", "claimed_by")
 """Hash fields only a queued or running task needs; a succeeded task drops them (~60 bytes per task)."""
 
 VECTOR_DTYPES = {"float16": "<f2", "float32": "<f4"}
@@ -290,11 +290,11 @@ class TaskStore:
                 except redis.WatchError:
                     continue
 
-    def mark_running(self, task_id: str, total_steps: int, batch_tasks: int = 1) -> bool:
-        """Queued (or running, on a retry) -> running; `batch_tasks` records how many tasks train together."""
+    def mark_running(self, task_id: str, total_steps: int) -> bool:
+        """Queued (or running, on a retry) -> running."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
                                {"status": TaskStatus.RUNNING.value, "started_at": now_s(),
-                                "progress_total": total_steps, "progress_step": 0, "batch_tasks": batch_tasks})
+                                "progress_total": total_steps, "progress_step": 0})
 
     def claim(self, task_id: str, job_id: str) -> bool:
         """Queued -> running, only if still queued: job `job_id` takes the task into its batch (and

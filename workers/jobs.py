@@ -76,7 +76,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
             store.mark_failed(tid, "invalid_task", str(exc))
     if not batch:
         return {"task_id": task_id, "status": "failed"}
-    batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.max_steps, batch_tasks=len(batch))]
+    batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.max_steps)]
     if not batch:  # cancelled meanwhile
         return {"task_id": task_id, "status": "skipped"}
     ids = [tid for tid, _ in batch]

@@ -86,7 +86,7 @@ def test_missing_or_stale_counters_are_rebuilt_from_the_tasks(r: redis.Redis) ->
 def test_a_succeeded_task_keeps_only_what_its_view_needs(r: redis.Redis) -> None:
     store = TaskStore(r)
     task_id = new_task(store)
-    assert store.claim(task_id, "job-1") and store.mark_running(task_id, 30, batch_tasks=2)
+    assert store.claim(task_id, "job-1") and store.mark_running(task_id, 30)
     store.set_progress(task_id, 10, 0.5)
     assert store.get(task_id).progress_step == 10
     store.mark_succeeded(task_id, np.zeros(D_I), 0.987654321, 20)
