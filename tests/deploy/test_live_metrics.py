@@ -175,8 +175,8 @@ def live(overlays: dict, tiny_model_dirs: dict, tiny_causal, tmp_path_factory: p
 
         def start(name: str, argv: list[str]) -> tuple[subprocess.Popen, Path]:
             log = tmp / f"{name}.log"
-            proc = subprocess.Popen(argv, env=environment(name), stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                    cwd=tmp)
+            with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(argv, env=environment(name), stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
             procs.append(proc)
             return proc, log
 

@@ -495,6 +495,7 @@ def test_redis_config_is_accepted_by_a_real_redis(overlays: dict, tmp_path: Path
     finally:
         server.terminate()
         server.wait(timeout=30)
+        server.stdout.close()
 
 
 # ------------------------------------------------------------------------------------------ overlays
