@@ -54,6 +54,7 @@ def prepare(pool: Annotated[Path | None, typer.Option(help="pool directory to wr
     for kind, count in sorted(summary["by_kind"].items()):
         table.add_row(kind, str(count))
     table.add_row("[b]total usable[/b]", str(summary["usable"]))
+    table.add_row("duplicate examples dropped", str(summary["duplicates_dropped"]))
     console.print(table)
     reasons = Table(title=f"Skipped: {summary['skipped']} (details in {pool_dir / 'skipped.json'})")
     reasons.add_column("reason")

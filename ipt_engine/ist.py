@@ -7,7 +7,7 @@ z, and each task keeps its own best-dev z and stops on its own (see `ipt_engine.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
@@ -110,6 +110,7 @@ class ISTResult:
     best_step: int
     wall_seconds: float  # of the whole batched run this task was part of
     error: str | None = None  # set when this task's training stopped abnormally (NaN loss, stop request)
+    history: list[dict[str, float | None]] = field(default_factory=list)  # per evaluation; see TaskTrainResult
 
 
 def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, config: TrainConfig, *,
@@ -143,4 +144,4 @@ def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: P
 
 
 def _ist_result(r: TaskTrainResult, z: Tensor, wall: float) -> ISTResult:
-    return ISTResult(r.task, z.clone(), r.dev_score, r.steps, r.best_step, wall, r.error)
+    return ISTResult(r.task, z.clone(), r.dev_score, r.steps, r.best_step, wall, r.error, r.history)

@@ -43,6 +43,10 @@ class TrainConfig:
     tasks_per_step: int | None = None  # shared mode: tasks sampled per step (None: all)
     eval_every: int = 50  # steps between dev evaluations
     patience: int = 5  # evaluations without a dev improvement before a task stops
+    patience_steps: int | None = None  # when set: steps without a dev improvement before a task stops (replaces
+    # `patience`, so that the budget of patience does not depend on how often dev is evaluated)
+    dev_loss: bool = False  # also compute each task's mean dev loss at every evaluation: kept in the history and
+    # used to break ties of the dev score (small dev sets tie often), at the cost of one forward of the dev rows
     eval_at_start: bool = True  # score the initial parameters too, so training never returns worse ones
     weight_decay: float = 1e-5
     max_grad_norm: float | None = 1.0  # per task in per-task mode, global in shared mode
@@ -57,6 +61,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "eval_every", "patience", "max_rows_per_forward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience_steps is not None and self.patience_steps < 1:
+            raise ValueError(f"patience_steps must be >= 1 or None, got {self.patience_steps}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
         if not self.weight_decay >= 0:
@@ -95,6 +101,9 @@ class TaskTrainResult:
     steps: int  # steps this task trained
     stopped_early: bool
     error: str | None = None  # why training of this task stopped abnormally (e.g. a NaN loss)
+    history: list[dict[str, float | None]] = field(default_factory=list)
+    """One entry per evaluation of this task: step, train_loss (its mean row loss at that step; None at step 0),
+    dev_loss (None unless TrainConfig.dev_loss), dev (score), norm (|its row of the trained table|, or None)."""
 
 
 @dataclass
@@ -168,16 +177,24 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
                                   weight_decay=config.weight_decay)
     state = _SelectionState(num)
     history: list[dict[str, float]] = []
+    task_loss: dict[int, float] = {}
 
     def run_eval(step: int, loss: float) -> None:
         idx = state.active if params.per_task else list(range(num))
         with torch.no_grad():
             prompts = params.prompts(torch.tensor(idx, device=backbone.device))
+            dev_losses = _dev_losses(backbone, [tasks[i] for i in idx], prompts) if config.dev_loss else None
         scores = evaluate(backbone, [tasks[i] for i in idx], prompts, "dev", max_new_tokens=config.max_new_tokens)
         history.append({"step": step, "loss": loss, "dev": sum(scores) / len(scores)})
         log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
                  history[-1]["dev"], len(idx))
-        state.update(params, idx, scores, step, config.patience)
+        table = params.task_table if params.per_task else None
+        for j, i in enumerate(idx):
+            state.history[i].append({
+                "step": step, "train_loss": task_loss.get(i) if step else None,
+                "dev_loss": dev_losses[j] if dev_losses is not None else None, "dev": scores[j],
+                "norm": float(table.detach()[i].norm()) if table is not None else None})
+        state.update(params, idx, scores, step, config, dev_losses)
         if on_evaluate is not None:
             for i in on_evaluate(step, dict(zip(idx, scores, strict=True))):
                 state.fail(i, STOPPED_BY_REQUEST)
@@ -193,7 +210,9 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
                 step -= 1
                 break
             batch_tasks = _tasks_for_step(state.active, config, rng)
-            last_loss, failed = _train_step(backbone, params, optimizer, sampler, batch_tasks, config, step, tasks)
+            last_loss, failed, per_task_loss = _train_step(backbone, params, optimizer, sampler, batch_tasks, config,
+                                                           step, tasks)
+            task_loss.update(per_task_loss)
             for i in batch_tasks:
                 state.trained_steps[i] += 1
             for i, message in failed.items():
@@ -210,7 +229,7 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
         raise NonFiniteLossError(str(state.errors[0]))
     results = [
         TaskTrainResult(t.name, state.best_score[i], state.best_step[i], state.trained_steps[i],
-                        stopped_early=state.bad_evals[i] >= config.patience, error=state.errors[i])
+                        stopped_early=state.stopped[i], error=state.errors[i], history=state.history[i])
         for i, t in enumerate(tasks)
     ]
     wall = time.perf_counter() - start
@@ -224,6 +243,9 @@ class _SelectionState:
 
     def __init__(self, num: int) -> None:
         self.best_score = [-math.inf] * num
+        self.best_loss = [math.inf] * num  # dev loss at the best score (ties of the score go to a lower loss)
+        self.stopped = [False] * num  # ran out of patience
+        self.history: list[list[dict[str, float | None]]] = [[] for _ in range(num)]
         self.best_mean = -math.inf
         self.best_step = [0] * num
         self.trained_steps = [0] * num
@@ -234,17 +256,24 @@ class _SelectionState:
         self.best_shared: dict[str, Tensor] | None = None
 
     def update(self, params: PromptParameters, idx: list[int], scores: list[float], step: int,
-               patience: int) -> None:
+               config: TrainConfig, dev_losses: list[float] | None = None) -> None:
+        """Record an evaluation. A task improves when its dev score rises, or (with dev losses) when the score
+        ties and the dev loss falls; it stops after `patience` evaluations or `patience_steps` steps without."""
         if params.per_task:
             table = params.task_table
             assert table is not None, "per-task parameters must expose task_table"
-            for i, score in zip(idx, scores, strict=True):
-                if score > self.best_score[i]:
-                    self.best_score[i], self.best_step[i], self.bad_evals[i] = score, step, 0
+            for j, (i, score) in enumerate(zip(idx, scores, strict=True)):
+                loss = dev_losses[j] if dev_losses is not None else math.inf
+                if score > self.best_score[i] or (score == self.best_score[i] and loss < self.best_loss[i]):
+                    self.best_score[i], self.best_loss[i], self.best_step[i], self.bad_evals[i] = score, loss, step, 0
                     self.best_rows[i] = table.detach()[i].clone()
                 else:
                     self.bad_evals[i] += 1
-            self.active = [i for i in self.active if self.bad_evals[i] < patience]
+                if config.patience_steps is not None:
+                    self.stopped[i] = step - self.best_step[i] >= config.patience_steps
+                else:
+                    self.stopped[i] = self.bad_evals[i] >= config.patience
+            self.active = [i for i in self.active if not self.stopped[i]]
             return
         mean = sum(scores) / len(scores)
         if mean > self.best_mean:
@@ -255,7 +284,10 @@ class _SelectionState:
             self.bad_evals[:] = [0] * len(scores)
         else:
             self.bad_evals[:] = [b + 1 for b in self.bad_evals]
-            if self.bad_evals[0] >= patience:
+            out_of_patience = (step - self.best_step[0] >= config.patience_steps if config.patience_steps is not None
+                               else self.bad_evals[0] >= config.patience)
+            if out_of_patience:
+                self.stopped[:] = [True] * len(self.stopped)
                 self.active = []
 
     def fail(self, task: int, message: str) -> None:
@@ -283,8 +315,9 @@ def _tasks_for_step(active: list[int], config: TrainConfig, rng: random.Random) 
 
 def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.optim.Optimizer,
                 sampler: _RowSampler, batch_tasks: list[int], config: TrainConfig, step: int,
-                tasks: Sequence[Task]) -> tuple[float, dict[int, str]]:
-    """One optimizer step. Returns (the loss, {task index: error} for tasks whose loss was not finite)."""
+                tasks: Sequence[Task]) -> tuple[float, dict[int, str], dict[int, float]]:
+    """One optimizer step. Returns (the loss, {task index: error} for tasks whose loss was not finite,
+    {task index: its mean row loss})."""
     rows: list[tuple[int, TextPair]] = [(t, p) for t in batch_tasks for p in sampler.take(t, config.batch_size)]
     # Per-task mode: each row weighs 1/batch_size, so each task's gradient equals its single-task gradient.
     # Shared mode: the mean over all rows.
@@ -292,6 +325,7 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     failed: dict[int, str] = {}
+    row_sums: dict[int, float] = {}
     for start in range(0, len(rows), config.max_rows_per_forward):
         chunk = rows[start:start + config.max_rows_per_forward]
         index = torch.tensor([t for t, _ in chunk], device=backbone.device)
@@ -308,6 +342,8 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
                 raise NonFiniteLossError(message)
             failed.update(dict.fromkeys(bad_tasks, message))
             row_loss = row_loss.masked_fill(bad, 0.0)  # the other tasks' rows still train
+        for (t, _), value in zip(chunk, row_loss.detach().tolist(), strict=True):
+            row_sums[t] = row_sums.get(t, 0.0) + value
         loss = row_loss.sum() * weight
         loss.backward()
         total += float(loss.detach())
@@ -323,7 +359,23 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
         table.grad[list(failed)] = 0.0  # a failed task's row must not move (nor poison its optimizer state)
     _clip(params, config.max_grad_norm)
     optimizer.step()
-    return (total / len(batch_tasks) if params.per_task else total), failed
+    per_task_loss = {t: row_sums[t] / config.batch_size for t in batch_tasks if t in row_sums and t not in failed}
+    return (total / len(batch_tasks) if params.per_task else total), failed, per_task_loss
+
+
+def _dev_losses(backbone: Backbone, tasks: Sequence[Task], prompts: Tensor) -> list[float]:
+    """Each task's mean per-token loss of its dev targets with its prompt (prompts [len(tasks), n, d])."""
+    pairs = [(i, t.text_pair(e)) for i, t in enumerate(tasks) for e in t.dev]
+    index = torch.tensor([i for i, _ in pairs], device=prompts.device)
+    sums = torch.zeros(len(tasks))
+    counts = torch.zeros(len(tasks))
+    for start in range(0, len(pairs), 64):
+        chunk, rows = pairs[start:start + 64], index[start:start + 64]
+        ll, count = backbone.target_log_likelihood(prompts.index_select(0, rows), [p.source for _, p in chunk],
+                                                   [p.target for _, p in chunk])
+        sums.index_add_(0, rows.cpu(), -ll.detach().float().cpu())
+        counts.index_add_(0, rows.cpu(), count.detach().float().cpu())
+    return (sums / counts.clamp(min=1)).tolist()
 
 
 def _non_finite_message(value: float, step: int, task_names: list[str]) -> str:

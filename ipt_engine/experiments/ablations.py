@@ -19,6 +19,7 @@ import torch
 
 from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.experiments.pipeline import ExperimentRun
+from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.ist import ZInit, intrinsic_subspace_tune
 from ipt_engine.metrics import e_abs, e_rel
 from ipt_engine.msf import find_subspace
@@ -136,7 +137,7 @@ def run_levers(run_dir: Path, pool_dir: Path | None = None, d: int | None = None
     cfg = ExperimentConfig(**summary["config"])
     pool = pool_dir or Path(json.loads((run_dir / "tasks.json").read_text())["pool"])
     run = ExperimentRun(cfg, run_dir, pool)
-    d = int(d or summary["best_d"])
+    d = int(d or chosen_d(summary))
     known = {lever.name for lever in LEVERS}
     unknown = sorted(set(only or ()) - known)
     if unknown:

@@ -22,13 +22,16 @@ class StageSettings:
     max_steps: int
     batch_size: int = 8
     eval_every: int = 20
-    patience: int = 3
+    patience: int = 3  # evaluations without a dev improvement before a task stops
     tasks_per_step: int | None = None
+    patience_steps: int | None = None  # steps without a dev improvement before a task stops (replaces patience)
+    dev_loss: bool = False  # break ties of the dev score by dev loss, and keep the dev loss in the history
 
     def train_config(self, seed: int, max_new_tokens: int) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,
                            eval_every=self.eval_every, patience=self.patience, tasks_per_step=self.tasks_per_step,
-                           seed=seed, max_new_tokens=max_new_tokens)
+                           patience_steps=self.patience_steps, dev_loss=self.dev_loss, seed=seed,
+                           max_new_tokens=max_new_tokens)
 
 
 @dataclass

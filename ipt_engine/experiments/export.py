@@ -17,8 +17,10 @@ import yaml
 from ipt_engine.backbone import Backbone
 from ipt_engine.evaluation import evaluate
 from ipt_engine.experiments.config import ExperimentConfig
+from ipt_engine.experiments.intervals import Estimate, e_abs_estimate, e_rel_estimate
 from ipt_engine.experiments.pipeline import ExperimentRun
-from ipt_engine.experiments.report import CHALLENGE_TITLES, headline_rows
+from ipt_engine.experiments.report import CHALLENGE_TITLES, counted_tasks, headline_rows
+from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.named_tensors import load_chunks, stack_for
 from ipt_engine.subspace_artifact import WEIGHTS_FILE, load_artifact, save_artifact
 
@@ -44,11 +46,12 @@ def fp16_check(run: ExperimentRun, d: int, backbone: Backbone) -> dict[str, Any]
 
 def export_artifact(run_dir: Path, out: Path, d: int | None = None, pool_dir: Path | None = None,
                     backbone: Backbone | None = None) -> Path:
-    """Write Proj_b of `run_dir` at d_I = `d` (default: the run's best d_I on unseen tasks) to `out` in fp16
-    with its metadata and MODEL_CARD.md; returns `out`."""
+    """Write Proj_b of `run_dir` at d_I = `d` (default: the d_I the run chose on dev) to `out` in fp16 with its
+    metadata and MODEL_CARD.md; returns `out`. The card's headline (unseen tasks) is measured with the service's
+    backbone dtype and the shipped fp16 weights, whatever dtype the study ran in."""
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = ExperimentConfig(**summary["config"])
-    d = int(d or summary["best_d"])
+    d = int(d or chosen_d(summary))
     if str(d) not in summary["per_d"]:
         raise ValueError(f"{run_dir} has no d_I = {d}; it has {sorted(map(int, summary['per_d']))}")
     pool = pool_dir or Path(json.loads((run_dir / "tasks.json").read_text())["pool"])
@@ -56,8 +59,10 @@ def export_artifact(run_dir: Path, out: Path, d: int | None = None, pool_dir: Pa
     backbone = backbone or Backbone.load(cfg.backbone)  # the service's fp32 backbone
     check = fp16_check(run, d, backbone)
     artifact = load_artifact(run_dir / "msf" / f"dI{d}")
-    rows = [r for r in headline_rows(summary) if r["d"] == d]
-    scores = {r["challenge"]: {"e_rel_pt": r["e_rel"], "e_abs": r["e_abs"], "tasks": r["tasks"]} for r in rows}
+    rows = [r for r in headline_rows(summary) if r["d"] == d and r["method"] == "ist"]
+    scores = {r["challenge"]: {"e_rel_pt": r["e_rel"].to_dict(), "e_abs": r["e_abs"].to_dict(),
+                               "dtype": cfg.dtype} for r in rows}
+    scores["unseen_tasks_service_dtype"] = service_dtype_scores(summary, check, str(backbone.dtype).split(".")[-1])
     command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else ""
     provenance = {"experiment": cfg.name, "run_command": command, "train_tasks": summary["train_tasks"],
                   "held_out_tasks": summary["test_tasks"], "msf": artifact.metadata.provenance,
@@ -67,6 +72,17 @@ def export_artifact(run_dir: Path, out: Path, d: int | None = None, pool_dir: Pa
                   provenance=provenance, eval_summary=eval_summary, dtype=torch.float16, include_proj=False)
     (out / "MODEL_CARD.md").write_text(_model_card(out, summary, d, scores, check, command))
     return out
+
+
+def service_dtype_scores(summary: dict[str, Any], check: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """E_abs and E_rel^PT of the unseen tasks with the shipped fp16 Proj_b on the service's backbone (`check`,
+    from fp16_check), over the tasks the report counts; PT is the study's."""
+    scores = {n: check["test_fp16"][n] for n in check["tasks"]}
+    abs_names, rel_names, _ = counted_tasks(summary, "unseen_tasks", scores)
+    pt = summary["pt"]["main"]
+    return {"dtype": dtype, "e_abs": e_abs_estimate({n: scores[n] for n in abs_names}).to_dict(),
+            "e_rel_pt": e_rel_estimate({n: scores[n] for n in rel_names},
+                                       {n: pt[n]["test"] for n in rel_names}).to_dict()}
 
 
 def _model_card(out: Path, summary: dict[str, Any], d: int, scores: dict[str, Any], check: dict[str, Any],
@@ -87,12 +103,17 @@ def _model_card(out: Path, summary: dict[str, Any], d: int, scores: dict[str, An
              f"then {cfg['msf']['max_steps']} joint steps at lr {cfg['msf']['learning_rate']} |",
              f"| PT of the train tasks | lr {cfg['pt']['learning_rate']}, up to {cfg['pt']['max_steps']} steps, "
              f"K = {cfg['k_per_class']} per class / {cfg['k_other']} |", "",
-             "## Scores at this d_I (from the run's summary)", "",
-             "| challenge | tasks | E_rel^PT % | E_abs % |", "|---|---|---|---|"]
+             "## Scores at this d_I", "",
+             "Each figure: value [95% bootstrap interval over tasks] (k = tasks counted), in %.", "",
+             "| challenge | backbone dtype | E_rel^PT % | E_abs % |", "|---|---|---|---|"]
+    service = scores["unseen_tasks_service_dtype"]
+    lines.append(f"| unseen tasks, shipped fp16 Proj_b as the service runs it | {service['dtype']} | "
+                 f"{Estimate(**service['e_rel_pt']).percent()} | {Estimate(**service['e_abs']).percent()} |")
     for challenge, title in CHALLENGE_TITLES.items():
         s = scores.get(challenge)
-        if s and s["e_rel_pt"] is not None:
-            lines.append(f"| {title} | {s['tasks']} | {100 * s['e_rel_pt']:.1f} | {100 * s['e_abs']:.1f} |")
+        if s:
+            lines.append(f"| {title} (the study) | {s['dtype']} | {Estimate(**s['e_rel_pt']).percent()} | "
+                         f"{Estimate(**s['e_abs']).percent()} |")
     lines += ["", f"fp16 storage: largest change of a held-out task's test score after the fp16 round trip: "
               f"{100 * fp16_gap:.2f} points (largest prompt element change {check['max_abs_prompt_difference']:.2g}).",
               "", "## Tasks", "", "Train: " + ", ".join(f"`{n}`" for n in summary["train_tasks"]), "",

@@ -6,6 +6,9 @@ Run directory layout (each file is written when its stage or chunk finishes; a r
     msf/dI<d>/                                the subspace artifact for each d_I (+ task_vectors.safetensors)
     recon/dI<d>.json                          train tasks scored with Proj_b(Proj(P_i))
     ist/dI<d>/<challenge>/chunkNNN.*          IST per challenge: seen_same_data, seen_unseen_data, unseen_tasks
+    ist/dI<d>/<challenge>-random/chunkNNN.*   the control: IST in a seeded random Proj_b of the same shapes
+    controls/dI<d>-z0.json                    test scores with Proj_b(0) of the MSF subspace (z = 0)
+    controls/no-prompt.json                   test scores of the bare PLM (no soft prompt)
     ipt_pt/seed<S>/chunkNNN.*                 IPT-initialised PT of the unseen tasks
     baselines.json, timings.json, summary.json
 Tasks of one chunk train together in one batched run (each row with its own prompt).
@@ -13,6 +16,7 @@ Tasks of one chunk train together in one batched run (each row with its own prom
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -20,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 from typing import Any
 
 import torch
@@ -28,22 +32,25 @@ import yaml
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.data.pool import TaskPool
+from ipt_engine.data.pool import TaskPool, texts_of
 from ipt_engine.data.splits import load_split
+from ipt_engine.errors import InvalidTaskError
 from ipt_engine.evaluation import evaluate, reference_of
 from ipt_engine.experiments.config import ExperimentConfig
+from ipt_engine.experiments.selection import choose_d, learnable
 from ipt_engine.ist import intrinsic_subspace_tune
 from ipt_engine.metrics import compute_metric
 from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
 from ipt_engine.prompt_tuning import prompt_tune
-from ipt_engine.subspace import SubspaceConfig
+from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.subspace_artifact import load_artifact, save_artifact
 from ipt_engine.tasks import Task, TaskKind
 
 log = logging.getLogger(__name__)
 
 CHALLENGES = ("seen_same_data", "seen_unseen_data", "unseen_tasks")
+RANDOM_SUBSPACE_SEED = 2024  # the control's Proj_b: seeded (plus d_I), never trained
 ChunkFn = Callable[[list[Task]], tuple[dict[str, dict[str, Any]], dict[str, Tensor]]]
 
 
@@ -113,14 +120,30 @@ class ExperimentRun:
 
     @property
     def seen_ist_names(self) -> list[str]:
-        """The train tasks that IST re-learns in the two "seen" challenges: all, or `ist_seen_tasks` of them
-        taken in turn from each kind (so a cap still covers classification, multiple choice and generation)."""
+        """The train tasks that IST re-learns in the two "seen" challenges: those with data for a second, disjoint
+        draw (`no_second_draw` lists the others), all of them or `ist_seen_tasks` taken in turn from each kind
+        (so a cap still covers classification, multiple choice and generation)."""
+        names = [n for n in self.train_names if n not in self.no_second_draw]
         cap = self.config.ist_seen_tasks
-        if cap is None or cap >= len(self.train_names):
-            return self.train_names
-        by_kind = [[n for n in self.train_names if self.pool.kind(n) is k] for k in TaskKind]
+        if cap is None or cap >= len(names):
+            return names
+        by_kind = [[n for n in names if self.pool.kind(n) is k] for k in TaskKind]
         order = [n for group in itertools.zip_longest(*by_kind) for n in group if n is not None]
         return sorted(order[:cap])
+
+    @functools.cached_property
+    def no_second_draw(self) -> dict[str, str]:
+        """{train task: why} for the tasks whose data leaves no train + dev for the "unseen data" draw."""
+        out = {}
+        for n in self.train_names:
+            try:
+                (task,) = self.tasks([n], self.config.unseen_data_seed)
+            except InvalidTaskError as exc:
+                out[n] = f"no data left for a draw disjoint from the main one ({exc})"
+                continue
+            if not task.dev:
+                out[n] = "no dev examples left for a draw disjoint from the main one"
+        return out
 
     @property
     def backbone(self) -> Backbone:
@@ -129,13 +152,20 @@ class ExperimentRun:
         return self._backbone
 
     def tasks(self, names: Sequence[str], data_seed: int) -> list[Task]:
+        """The few-shot tasks of draw `data_seed`. Every draw shares the task's fixed test set; a draw other than
+        the main one keeps its train and dev off the main draw's (by normalised text), so "seen tasks, unseen
+        data" means data MSF never saw."""
         out = []
+        cfg = self.config
         for n in names:
             key = (n, data_seed)
             if key not in self._task_cache:
-                cfg = self.config
+                exclude: set[str] = set()
+                if data_seed != cfg.data_seed:
+                    (main,) = self.tasks([n], cfg.data_seed)
+                    exclude = texts_of([*main.train, *main.dev])
                 self._task_cache[key] = self.pool.few_shot(n, data_seed, cfg.k_per_class, cfg.k_other, cfg.max_test,
-                                                           cfg.dev_k_per_class, cfg.dev_k_other)
+                                                           cfg.dev_k_per_class, cfg.dev_k_other, exclude=exclude)
             out.append(self._task_cache[key])
         return out
 
@@ -248,14 +278,23 @@ class ExperimentRun:
         path.write_text(json.dumps(out, indent=1) + "\n")
         return out
 
-    def ist(self, d: int, artifact: Path, challenge: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def _challenge_tasks(self, challenge: str) -> tuple[list[str], int]:
         cfg = self.config
-        names, seed = {
+        return {
             "seen_same_data": (self.seen_ist_names, cfg.data_seed),
             "seen_unseen_data": (self.seen_ist_names, cfg.unseen_data_seed),
             "unseen_tasks": (self.test_names, cfg.data_seed),
         }[challenge]
+
+    def ist(self, d: int, artifact: Path, challenge: str, random_subspace: bool = False
+            ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """IST of one challenge's tasks in the MSF subspace at d_I = d, or (`random_subspace`) in the control:
+        a Proj_b of the same shapes at its seeded random initialisation, which MSF never trained."""
+        cfg = self.config
+        names, seed = self._challenge_tasks(challenge)
         proj_b = load_artifact(artifact).subspace.proj_b
+        if random_subspace:
+            proj_b = random_proj_b(proj_b.config, RANDOM_SUBSPACE_SEED + d)
 
         def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
             results = intrinsic_subspace_tune(self.backbone, chunk, proj_b,
@@ -263,11 +302,49 @@ class ExperimentRun:
             z = torch.stack([r.z for r in results])
             with torch.no_grad():
                 test = self.test_scores(chunk, proj_b(z))
-            res = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step}
-                   for r, s in zip(results, test, strict=True)}
+            res = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
+                            "history": r.history} for r, s in zip(results, test, strict=True)}
             return res, {r.task: r.z for r in results}
 
-        return self._chunked(self.dir / "ist" / f"dI{d}" / challenge, self.tasks(names, seed), run)
+        stage = f"{challenge}-random" if random_subspace else challenge
+        return self._chunked(self.dir / "ist" / f"dI{d}" / stage, self.tasks(names, seed), run)
+
+    def zero_vector_scores(self, d: int, artifact: Path) -> dict[str, float]:
+        """Test scores of every task with Proj_b(0) of the MSF subspace: where IST from z = 0 starts."""
+        path = self.dir / "controls" / f"dI{d}-z0.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        proj_b = load_artifact(artifact).subspace.proj_b
+        names = sorted(set(self.train_names) | set(self.test_names))
+        tasks = self.tasks(names, self.config.data_seed)
+        with torch.no_grad():
+            prompts = proj_b(torch.zeros(len(tasks), d))
+        out = dict(zip(names, self._timed("controls", lambda: self.test_scores(tasks, prompts)), strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+    def no_prompt_scores(self) -> dict[str, float]:
+        """Test scores of every task with the bare PLM (no soft prompt)."""
+        path = self.dir / "controls" / "no-prompt.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        names = sorted(set(self.train_names) | set(self.test_names))
+        tasks = self.tasks(names, self.config.data_seed)
+        scores = self._timed("controls", lambda: evaluate(self.backbone, tasks, None, "test",
+                                                          max_new_tokens=self.config.max_new_tokens))
+        out = dict(zip(names, scores, strict=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return out
+
+
+def random_proj_b(config: SubspaceConfig, seed: int) -> ProjB:
+    """A Proj_b of `config`'s shapes at PyTorch's default initialisation under `seed` (the global RNG is left
+    as it was): the control that says how much of IST's result MSF's training contributes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ProjB(config)
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, command: str = "") -> dict[str, Any]:
@@ -286,45 +363,40 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
     for d in cfg.d_intrinsic:
         artifact = run.subspace(d, prompts_main)
         entry: dict[str, Any] = {"msf": json.loads((artifact / "subspace.json").read_text())["eval_summary"],
-                                 "recon": run.reconstruction(d, artifact, prompts_main)}
+                                 "recon": run.reconstruction(d, artifact, prompts_main),
+                                 "z0": run.zero_vector_scores(d, artifact), "random": {}}
         for challenge in CHALLENGES:
             results, vectors = run.ist(d, artifact, challenge)
             entry[challenge] = results
+            entry["random"][challenge], _ = run.ist(d, artifact, challenge, random_subspace=True)
             if challenge == "unseen_tasks":
                 ist_vectors[d] = vectors
         per_d[str(d)] = entry
 
-    learnable = {n: pt_main[n]["dev"] > baselines[f"{n}@{cfg.data_seed}"] for n in all_names}
-    learnable_unseen_data = {n: pt_unseen_data[n]["dev"] > baselines[f"{n}@{cfg.unseen_data_seed}"]
-                             for n in run.seen_ist_names}
-    best_d = _best_unseen_d(per_d, pt_main, learnable, run.test_names)
-    stability = _stability(run, cfg, best_d, ist_vectors[best_d], pt_main)
+    is_learnable = learnable(pt_main, baselines, all_names, cfg.data_seed)
+    learnable_unseen_data = learnable(pt_unseen_data, baselines, run.seen_ist_names, cfg.unseen_data_seed)
+    d_choice = choose_d(per_d, pt_main, is_learnable, run.test_names)
+    best_d = d_choice["d"]
+    stability = _stability(run, cfg, best_d, ist_vectors[best_d], pt_main, is_learnable)
     summary = {
         "config": cfg.to_dict(), "train_tasks": run.train_names, "test_tasks": run.test_names,
-        "seen_ist_tasks": run.seen_ist_names,
+        "seen_ist_tasks": run.seen_ist_names, "no_second_draw": run.no_second_draw,
         "kinds": {n: run.pool.kind(n).value for n in all_names},
         "baselines": baselines, "pt": {"main": pt_main, "unseen-data": pt_unseen_data},
-        "learnable": learnable, "learnable_unseen_data": learnable_unseen_data,
-        "per_d": per_d, "best_d": best_d, "stability": stability,
+        "learnable": is_learnable, "learnable_unseen_data": learnable_unseen_data,
+        "no_prompt": run.no_prompt_scores(),
+        "per_d": per_d, "best_d": best_d, "d_choice": d_choice, "stability": stability,
         "timings": json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def _best_unseen_d(per_d: dict[str, Any], pt: dict[str, Any], learnable: dict[str, bool],
-                   test_names: list[str]) -> int:
-    def rel(d: str) -> float:
-        names = [n for n in test_names if learnable[n] and pt[n]["test"] > 0]
-        if not names:
-            return 0.0
-        return mean(per_d[d]["unseen_tasks"][n]["test"] / pt[n]["test"] for n in names)
-    return int(max(per_d, key=lambda d: (rel(d), -int(d))))
-
-
 def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, Tensor],
-               pt_main: dict[str, Any]) -> dict[str, Any]:
-    """PT vs IPT-initialised PT (from Proj_b(z) of IST at d_I = d) over training seeds, on the unseen tasks.
+               pt_main: dict[str, Any], is_learnable: dict[str, bool]) -> dict[str, Any]:
+    """PT vs IPT-initialised PT (from Proj_b(z) of IST at d_I = d, chosen on dev) over training seeds, on the
+    unseen tasks. Std in points (x100) with ddof 1 over seeds; `kept_start` counts the seeds whose best dev
+    was the starting prompt (step 0), which gives a std of 0 by construction rather than by stability.
 
     The first seed's PT is the main PT run (same data, same seed; a task trains the same alone or batched)."""
     proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
@@ -342,6 +414,13 @@ def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, T
     for n in run.test_names:
         pt_scores = [pt_runs[s][n]["test"] for s in pt_runs]
         ipt_scores = [ipt_runs[s][n]["test"] for s in ipt_runs]
-        per_task[n] = {"pt": pt_scores, "ipt_pt": ipt_scores, "pt_std": pstdev(pt_scores) * 100,
-                       "ipt_pt_std": pstdev(ipt_scores) * 100}
-    return {"d_intrinsic": d, "seeds": cfg.stability_seeds, "per_task": per_task}
+        per_task[n] = {"pt": pt_scores, "ipt_pt": ipt_scores, "pt_std": seed_std(pt_scores),
+                       "ipt_pt_std": seed_std(ipt_scores), "learnable": is_learnable[n],
+                       "pt_kept_start": sum(pt_runs[s][n]["best_step"] == 0 for s in pt_runs),
+                       "ipt_pt_kept_start": sum(ipt_runs[s][n]["best_step"] == 0 for s in ipt_runs)}
+    return {"d_intrinsic": d, "seeds": cfg.stability_seeds, "std_ddof": 1, "per_task": per_task}
+
+
+def seed_std(scores: Sequence[float]) -> float | None:
+    """The sample std (ddof 1) of per-seed scores in points (x100); None with fewer than two seeds."""
+    return stdev(scores) * 100 if len(scores) >= 2 else None

@@ -1,7 +1,11 @@
 """`ipt experiment report`: a Markdown report built only from a run directory's summary.json.
 
-E_rel^PT = mean over tasks of score(method) / score(PT); E_abs = mean score. Tasks the PLM cannot learn
-(PT dev score not above a trivial baseline) or whose PT test score is 0 are left out of both, and counted.
+E_rel^PT = mean over tasks of score(method) / score(PT); E_abs = mean score. Each carries its task count and a
+95% bootstrap interval over tasks (`ipt_engine.experiments.intervals`). Which tasks count is decided on dev
+data (`ipt_engine.experiments.selection`): a task whose PT dev score is not above a trivial guess is left out
+of both; E_rel also needs a PT test score above 0 (it divides by it). Every task left out is listed with its
+reason. Beside IST in the MSF subspace stand its controls: IST in a random Proj_b of the same shapes, z = 0 of
+the MSF subspace, and the bare PLM (no prompt).
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 from typing import Any
 
 import numpy as np
 import yaml
 
-from ipt_engine.metrics import e_abs, e_rel
+from ipt_engine.experiments.intervals import Estimate, e_abs_estimate, e_rel_estimate, mean_with_interval
+from ipt_engine.experiments.selection import LEARNABLE_RULE, choose_d, chosen_d
 from ipt_engine.named_tensors import load_chunks, load_named
 
 CHALLENGE_TITLES = {
@@ -25,52 +30,118 @@ CHALLENGE_TITLES = {
     "unseen_tasks": "unseen tasks",
     "recon": "MSF reconstruction (train tasks)",
 }
+METHOD_TITLES = {
+    "ist": "IST, MSF subspace",
+    "random": "IST, random Proj_b (control)",
+    "z0": "z = 0 of the MSF subspace (control)",
+    "no_prompt": "no prompt, bare PLM (control)",
+}
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def challenge_scores(summary: dict[str, Any], d: str, challenge: str) -> tuple[dict[str, float], dict[str, float]]:
-    """(method test scores, PT test scores) over the tasks that count for this challenge."""
-    per_d = summary["per_d"][d]
+def challenge_names(summary: dict[str, Any], challenge: str) -> list[str]:
+    """The tasks a challenge is about (before any filter)."""
     if challenge == "recon":
-        names, method = summary["train_tasks"], per_d["recon"]
-        pt, ok = summary["pt"]["main"], summary["learnable"]
-    elif challenge == "seen_unseen_data":
-        names, method = summary["train_tasks"], {n: r["test"] for n, r in per_d[challenge].items()}
-        pt, ok = summary["pt"]["unseen-data"], summary["learnable_unseen_data"]
-    else:
-        names = summary["train_tasks"] if challenge == "seen_same_data" else summary["test_tasks"]
-        method = {n: r["test"] for n, r in per_d[challenge].items()}
-        pt, ok = summary["pt"]["main"], summary["learnable"]
-    keep = [n for n in names if ok.get(n) and pt[n]["test"] > 0 and n in method]
-    return {n: method[n] for n in keep}, {n: pt[n]["test"] for n in keep}
+        return list(summary["train_tasks"])
+    if challenge in ("seen_same_data", "seen_unseen_data"):
+        return list(summary.get("seen_ist_tasks") or summary["train_tasks"])
+    return list(summary["test_tasks"])
+
+
+def _reference(summary: dict[str, Any], challenge: str) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(PT results, learnable flags) of the few-shot draw the challenge trains on."""
+    if challenge == "seen_unseen_data":
+        return summary["pt"]["unseen-data"], summary["learnable_unseen_data"]
+    return summary["pt"]["main"], summary["learnable"]
+
+
+def method_scores(summary: dict[str, Any], d: str, challenge: str, method: str) -> dict[str, float] | None:
+    """{task: test score} of `method` in `challenge` at d_I = d, or None when the run did not measure it."""
+    entry = summary["per_d"][d]
+    if challenge == "recon":
+        return dict(entry["recon"]) if method == "ist" and entry.get("recon") else None
+    names = set(challenge_names(summary, challenge))
+    if method == "ist":
+        return {n: r["test"] for n, r in entry[challenge].items() if n in names}
+    if method == "random":
+        runs = entry.get("random", {}).get(challenge)
+        return {n: r["test"] for n, r in runs.items() if n in names} if runs else None
+    if method == "z0":
+        return {n: v for n, v in entry["z0"].items() if n in names} if entry.get("z0") else None
+    if method == "no_prompt":
+        return {n: v for n, v in summary["no_prompt"].items() if n in names} if summary.get("no_prompt") else None
+    raise ValueError(f"unknown method {method!r}")
+
+
+def counted_tasks(summary: dict[str, Any], challenge: str, scores: dict[str, float]
+                  ) -> tuple[list[str], list[str], dict[str, str]]:
+    """(tasks counted in E_abs, tasks counted in E_rel, {task left out: why}) for one challenge's scores."""
+    pt, ok = _reference(summary, challenge)
+    dropped: dict[str, str] = {}
+    for n in challenge_names(summary, challenge):
+        if n not in scores:
+            dropped[n] = "no result"
+        elif not ok.get(n):
+            dropped[n] = f"not learnable (PT dev {_pct(pt[n]['dev'])} <= trivial guess)"
+    if challenge == "seen_unseen_data":
+        dropped.update(summary.get("no_second_draw", {}))
+    abs_names = [n for n in challenge_names(summary, challenge) if n not in dropped]
+    rel_names = [n for n in abs_names if pt[n]["test"] > 0]
+    for n in abs_names:
+        if n not in rel_names:
+            dropped[n] = "PT test score 0 (E_rel undefined; still in E_abs)"
+    return abs_names, rel_names, dropped
+
+
+def challenge_scores(summary: dict[str, Any], d: str, challenge: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(IST test scores, PT test scores) over the tasks E_rel counts in this challenge."""
+    scores = method_scores(summary, d, challenge, "ist") or {}
+    _, rel_names, _ = counted_tasks(summary, challenge, scores)
+    pt, _ = _reference(summary, challenge)
+    return {n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names}
 
 
 def headline_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (challenge, d_I, method) the run measured: E_rel and E_abs as Estimates, PT's E_abs over the
+    same tasks, and the tasks left out with their reasons."""
     rows = []
     for challenge in CHALLENGE_TITLES:
+        pt, _ = _reference(summary, challenge)
         for d in summary["per_d"]:
-            if challenge == "recon" and not summary["per_d"][d]["recon"]:
-                continue
-            method, pt = challenge_scores(summary, d, challenge)
-            rows.append({"challenge": challenge, "d": int(d), "tasks": len(method),
-                         "e_rel": e_rel(method, pt) if method else None,
-                         "e_abs": e_abs(method) if method else None,
-                         "pt_e_abs": e_abs(pt) if pt else None})
+            for method in METHOD_TITLES:
+                scores = method_scores(summary, d, challenge, method)
+                if scores is None:
+                    continue
+                abs_names, rel_names, dropped = counted_tasks(summary, challenge, scores)
+                rows.append({
+                    "challenge": challenge, "d": int(d), "method": method,
+                    "e_rel": e_rel_estimate({n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names}),
+                    "e_abs": e_abs_estimate({n: scores[n] for n in abs_names}),
+                    "pt_e_abs": e_abs_estimate({n: pt[n]["test"] for n in abs_names}),
+                    "dropped": dropped})
     return rows
 
 
+def find_row(rows: list[dict[str, Any]], challenge: str, d: int, method: str = "ist") -> dict[str, Any] | None:
+    return next((r for r in rows if (r["challenge"], r["d"], r["method"]) == (challenge, d, method)), None)
+
+
 def pca_plot(run_dir: Path, summary: dict[str, Any], out: Path) -> Path | None:
-    """Intrinsic vectors at the best d_I (train tasks: Proj(P_i); unseen tasks: IST z) on 2 PCA axes."""
+    """Intrinsic vectors at the d_I chosen on dev (train tasks: Proj(P_i); unseen tasks: IST z) on 2 PCA axes;
+    None when the run directory has no vectors (a published copy of its summaries)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = summary["best_d"]
-    train = load_named(run_dir / "msf" / f"dI{d}" / "task_vectors.safetensors")
+    d = chosen_d(summary)
+    vectors = run_dir / "msf" / f"dI{d}" / "task_vectors.safetensors"
+    if not vectors.is_file():  # a published copy of a run keeps its summaries, not its vectors
+        return None
+    train = load_named(vectors)
     unseen = load_chunks(run_dir / "ist" / f"dI{d}" / "unseen_tasks")
     names = [*train, *unseen]
     if len(names) < 3:
@@ -107,52 +178,98 @@ PAPER = {  # the paper's headline figures (BART-base, 120 CrossFit tasks, d_I = 
 
 def paper_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows (figure, paper, this run) for the paper's headline numbers; the run's d_I = 250 if it has it,
-    else its largest d_I."""
+    else its largest d_I. Each of the run's figures names its task count and 95% interval."""
     d = 250 if "250" in summary["per_d"] else max(int(k) for k in summary["per_d"])
-    rows = {(r["challenge"], r["d"]): r for r in headline_rows(summary)}
+    rows = headline_rows(summary)
     out = []
     for challenge, title in (("seen_unseen_data", "E_rel^PT, seen tasks with unseen data"),
                              ("unseen_tasks", "E_rel^PT, unseen tasks")):
-        r = rows.get((challenge, d))
-        out.append({"figure": f"{title} (d_I = {d})", "paper": f"{100 * PAPER[challenge]:.0f}%",
-                    "run": "n/a" if not r or r["e_rel"] is None else f"{100 * r['e_rel']:.1f}%"})
-    st = summary["stability"]
-    per_task = list(st["per_task"].values())
-    if per_task:
-        out.append({"figure": "mean std over seeds, PT", "paper": f"{PAPER['pt_std']:.2f}",
-                    "run": f"{mean(r['pt_std'] for r in per_task):.2f}"})
-        out.append({"figure": f"mean std over seeds, IPT-initialised PT (d_I = {st['d_intrinsic']})",
-                    "paper": f"{PAPER['ipt_pt_std']:.2f}", "run": f"{mean(r['ipt_pt_std'] for r in per_task):.2f}"})
-        ratios = [mean(r["ipt_pt"]) / mean(r["pt"]) for n, r in st["per_task"].items()
-                  if summary["learnable"].get(n) and mean(r["pt"]) > 0]
+        for method in ("ist", "random"):
+            r = find_row(rows, challenge, d, method)
+            if r is None:
+                continue
+            label = title if method == "ist" else f"{title}, random Proj_b (control; not in the paper)"
+            out.append({"figure": f"{label} (d_I = {d})",
+                        "paper": f"{100 * PAPER[challenge]:.0f}%" if method == "ist" else "-",
+                        "run": r["e_rel"].percent()})
+    st = stability_summary(summary)
+    if st is not None:
+        out.append({"figure": "mean std over seeds, PT (learnable unseen tasks)", "paper": f"{PAPER['pt_std']:.2f}",
+                    "run": _points(st["pt_std"])})
+        out.append({"figure": f"mean std over seeds, IPT-initialised PT (d_I = {st['d']})",
+                    "paper": f"{PAPER['ipt_pt_std']:.2f}", "run": _points(st["ipt_pt_std"])})
         out.append({"figure": "E_rel^PT of IPT-initialised PT", "paper": f"{100 * PAPER['ipt_pt_e_rel']:.1f}%",
-                    "run": f"{100 * mean(ratios):.1f}%" if ratios else "n/a"})
+                    "run": st["ipt_pt_e_rel"].percent()})
     return out
 
 
+def _points(e: Estimate) -> str:
+    """An Estimate of a std already in points: '4.19 [2.0, 6.1] (k=12)'."""
+    if e.value is None:
+        return f"n/a (k={e.tasks})"
+    if e.low is None or e.high is None:
+        return f"{e.value:.2f} (k={e.tasks})"
+    return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}] (k={e.tasks})"
+
+
+def stability_summary(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Mean std over seeds (ddof 1, in points) of PT and IPT-initialised PT, over the learnable unseen tasks and
+    over all of them, with intervals; recomputed from the per-seed scores, so older runs read the same way."""
+    st = summary.get("stability") or {}
+    per_task = st.get("per_task") or {}
+    if not per_task or len(st.get("seeds", [])) < 2:
+        return None
+
+    def std(xs: list[float]) -> float:
+        return stdev(xs) * 100
+
+    learn = [n for n in per_task if summary["learnable"].get(n)]
+    ratios = {n: mean(r["ipt_pt"]) / mean(r["pt"]) for n, r in per_task.items() if n in learn and mean(r["pt"]) > 0}
+    kept = [r.get("ipt_pt_kept_start") for r in per_task.values()]
+    return {
+        "d": st["d_intrinsic"], "seeds": st["seeds"],
+        "pt_std": mean_with_interval([std(per_task[n]["pt"]) for n in learn]),
+        "ipt_pt_std": mean_with_interval([std(per_task[n]["ipt_pt"]) for n in learn]),
+        "pt_std_all": mean_with_interval([std(r["pt"]) for r in per_task.values()]),
+        "ipt_pt_std_all": mean_with_interval([std(r["ipt_pt"]) for r in per_task.values()]),
+        "ipt_pt_e_rel": mean_with_interval(list(ratios.values())),
+        "pt_kept_start": None if None in kept else sum(r["pt_kept_start"] > 0 for r in per_task.values()),
+        "ipt_pt_kept_start": None if None in kept else sum(k > 0 for k in kept),
+    }
+
+
 def e_rel_plot(summary: dict[str, Any], out: Path) -> Path | None:
-    """E_rel^PT against d_I for each challenge (the paper's Figure 3)."""
+    """E_rel^PT against d_I for each challenge (the paper's Figure 3), with 95% intervals as error bars; the
+    random-subspace control dashed in the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in headline_rows(summary) if r["e_rel"] is not None]
+    rows = [r for r in headline_rows(summary) if r["e_rel"].value is not None and r["method"] in ("ist", "random")]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for challenge, title in CHALLENGE_TITLES.items():
-        points = sorted((r["d"], 100 * r["e_rel"]) for r in rows if r["challenge"] == challenge)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=title)
-    ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (challenge, title) in enumerate(CHALLENGE_TITLES.items()):
+        for method, style in (("ist", "-"), ("random", "--")):
+            pts = sorted(((r["d"], r["e_rel"]) for r in rows if r["challenge"] == challenge and r["method"] == method),
+                         key=lambda p: p[0])
+            if not pts:
+                continue
+            ys = [100 * e.value for _, e in pts]
+            err = [[100 * (e.value - e.low) if e.low is not None else 0 for _, e in pts],
+                   [100 * (e.high - e.value) if e.high is not None else 0 for _, e in pts]]
+            label = f"{title} (k={pts[0][1].tasks})" + (", random Proj_b" if method == "random" else "")
+            ax.errorbar([d for d, _ in pts], ys, yerr=err, marker="o", linestyle=style, color=f"C{i}", capsize=3,
+                        label=label)
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     ds = sorted({r["d"] for r in rows})
     ax.set_xticks(ds, [str(d) for d in ds])
     ax.set_xlabel("intrinsic dimension d_I")
-    ax.set_ylabel("E_rel^PT (%)")
+    ax.set_ylabel("E_rel^PT (%), 95% bootstrap interval over tasks")
     ax.set_title(f"IST relative to PT ({summary['config']['name']})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -161,12 +278,12 @@ def e_rel_plot(summary: dict[str, Any], out: Path) -> Path | None:
 
 
 def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = None) -> Path:
-    """Write the Markdown report (and its PCA plot next to it); returns the report path. `notes`, a Markdown
+    """Write the Markdown report (and its plots next to it); returns the report path. `notes`, a Markdown
     file, is included as the discussion after the comparison with the paper."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} is missing: run `ipt experiment run` to completion first")
-    summary = json.loads(summary_path.read_text())
+    summary = _with_kept_start(run_dir, json.loads(summary_path.read_text()))
     out = out or run_dir / "report.md"
     plot = pca_plot(run_dir, summary, out.parent / f"{out.stem}-pca.png")
     rel_plot = e_rel_plot(summary, out.parent / f"{out.stem}-e-rel.png")
@@ -175,7 +292,8 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
     rows = headline_rows(summary)
     lines = [f"# IPT experiment report: {cfg['name']}", "",
              f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{run_dir}` by "
-             f"`ipt experiment report`. Every number below is read from the run directory.", ""]
+             f"`ipt experiment report`. Every number below is read from the run directory. Aggregates read "
+             f"`value [95% bootstrap interval over tasks] (k = tasks counted)`.", ""]
     command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else "n/a"
     all_names = sorted(set(summary["train_tasks"]) | set(summary["test_tasks"]))
     filtered = [n for n in all_names if not summary["learnable"][n]]
@@ -186,31 +304,41 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
               f"- Split `{cfg['split']}`: {len(summary['train_tasks'])} train (seen) tasks, "
               f"{len(summary['test_tasks'])} held-out (unseen) tasks; K = {cfg['k_per_class']} per class / "
               f"{cfg['k_other']} otherwise; up to {cfg['max_test']} test examples per task",
-              f"- Learnability filter: {len(filtered)} of {len(all_names)} tasks have a PT dev score not above "
-              f"a trivial baseline and are left out of E_rel and E_abs: {', '.join(filtered) or 'none'}", ""]
+              f"- Learnability filter (dev only): {LEARNABLE_RULE}. {len(filtered)} of {len(all_names)} tasks "
+              f"fail it and are left out of E_rel and E_abs: {', '.join(filtered) or 'none'}", ""]
+    lines += _d_choice_section(summary)
     lines += ["## Comparison with the paper's headline figures", "",
               "| figure | paper (BART-base, 120 tasks) | this run |", "|---|---|---|"]
     lines += [f"| {r['figure']} | {r['paper']} | {r['run']} |" for r in paper_comparison(summary)]
     lines += [""]
     if notes is not None:
         lines += [notes.read_text().strip(), ""]
-    lines += ["## E_rel^PT and E_abs by intrinsic dimension (cf. the paper's Figure 3 and Table 2)", "",
-              "E_rel^PT (%) = mean over tasks of IST test score / PT test score; E_abs (%) = mean IST test "
-              "score; (k) = number of tasks counted.", "",
-              "| challenge | " + " | ".join(f"d_I={d}" for d in ds) + " | PT E_abs |",
-              "|---|" + "---|" * (len(ds) + 1)]
+    lines += ["## E_rel^PT and E_abs by intrinsic dimension, with controls (cf. the paper's Figure 3 and Table 2)",
+              "", "E_rel^PT (%) = mean over tasks of test score / PT test score; E_abs (%) = mean test score. "
+              "Controls: IST in a random Proj_b of the same shapes that MSF never trained (seeded), the MSF "
+              "subspace's z = 0 (where IST starts), and the bare PLM without a prompt. A control not measured by "
+              "this run is absent.", ""]
     for challenge, title in CHALLENGE_TITLES.items():
-        cells_rel, cells_abs, pt_abs = [], [], None
-        for d in ds:
-            row = next((r for r in rows if r["challenge"] == challenge and r["d"] == d), None)
-            cells_rel.append(f"{_pct(row['e_rel'])} ({row['tasks']})" if row else "n/a")
-            cells_abs.append(_pct(row["e_abs"]) if row else "n/a")
-            pt_abs = row["pt_e_abs"] if row else pt_abs
-        lines.append(f"| {title}: E_rel^PT | " + " | ".join(cells_rel) + f" | {_pct(pt_abs)} |")
-        lines.append(f"| {title}: E_abs | " + " | ".join(cells_abs) + " | |")
+        pt_cells = [find_row(rows, challenge, d) for d in ds]
+        if all(c is None for c in pt_cells):
+            continue
+        lines += [f"### {title}", "", "| figure | " + " | ".join(f"d_I={d}" for d in ds) + " |",
+                  "|---|" + "---|" * len(ds)]
+        for metric, metric_title in (("e_rel", "E_rel^PT"), ("e_abs", "E_abs")):
+            for method, method_title in METHOD_TITLES.items():
+                cells = [find_row(rows, challenge, d, method) for d in ds]
+                if any(c is not None for c in cells):
+                    lines.append(f"| {metric_title}: {method_title} | "
+                                 + " | ".join(c[metric].percent() if c else "n/a" for c in cells) + " |")
+        lines.append("| E_abs: PT (reference) | " + " | ".join(c["pt_e_abs"].percent() if c else "n/a"
+                                                              for c in pt_cells) + " |")
+        dropped = next((c["dropped"] for c in pt_cells if c), {})
+        if dropped:
+            lines += ["", "Left out: " + "; ".join(f"`{n}`: {why}" for n, why in sorted(dropped.items()))]
+        lines += [""]
     if rel_plot is not None:
-        lines += ["", f"![E_rel^PT by d_I]({rel_plot.name})"]
-    lines += ["", "MSF: " + "; ".join(
+        lines += [f"![E_rel^PT by d_I]({rel_plot.name})", ""]
+    lines += ["MSF: " + "; ".join(
         f"d_I={d}: dev {summary['per_d'][str(d)]['msf']['mean_dev_score']:.3f}"
         + (f", reconstruction MSE {summary['per_d'][str(d)]['msf']['reconstruction_mse']:.4g}"
            if "reconstruction_mse" in summary["per_d"][str(d)]["msf"] else "") for d in ds), ""]
@@ -218,7 +346,8 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
     lines += _levers_section(run_dir, summary)
     if plot is not None:
         lines += ["## Intrinsic vectors (PCA)", "", f"![PCA of intrinsic vectors]({plot.name})", "",
-                  f"Train tasks: Proj(P_i) from MSF; unseen tasks (stars): their IST z; d_I = {summary['best_d']}.", ""]
+                  f"Train tasks: Proj(P_i) from MSF; unseen tasks (stars): their IST z; d_I = {chosen_d(summary)} "
+                  "(chosen on dev).", ""]
     lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary["timings"].items()]
     lines += ["", "## Task lists", "",
@@ -231,25 +360,68 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
     return out
 
 
+def _with_kept_start(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Runs made before the stability table counted the seeds that kept their starting prompt: count them from
+    the stage files (each chunk records each task's best step), when the run directory has them."""
+    st = summary.get("stability") or {}
+    if not st.get("per_task") or all("pt_kept_start" in r for r in st["per_task"].values()):
+        return summary
+    first, d = st["seeds"][0], st["d_intrinsic"]
+    dirs = {"pt": [run_dir / "pt" / ("main" if s == first else f"stability-seed{s}") for s in st["seeds"]],
+            "ipt_pt": [run_dir / "ipt_pt" / f"dI{d}-seed{s}" for s in st["seeds"]]}
+    if not all(p.is_dir() for paths in dirs.values() for p in paths):
+        return summary
+    for method, paths in dirs.items():
+        runs = [{n: r for chunk in sorted(p.glob("chunk*.json")) for n, r in json.loads(chunk.read_text()).items()}
+                for p in paths]
+        for name, r in st["per_task"].items():
+            r[f"{method}_kept_start"] = sum(run[name]["best_step"] == 0 for run in runs if name in run)
+    return summary
+
+
+def _d_choice_section(summary: dict[str, Any]) -> list[str]:
+    choice = choose_d(summary["per_d"], summary["pt"]["main"], summary["learnable"], summary["test_tasks"])
+    values = ", ".join(f"d_I={d}: {_pct(v)}" for d, v in choice["by_d"].items())
+    lines = ["## The d_I carried forward", "",
+             f"{choice['rule']}. Criterion `{choice['criterion']}` over {choice['tasks']} unseen task(s): {values}. "
+             f"Chosen: **d_I = {choice['d']}** (stability runs, ablations, the PCA plot and `ipt experiment export` "
+             f"use it).", ""]
+    stored = summary.get("best_d")
+    if stored is not None and int(stored) != choice["d"]:
+        lines += [f"This run was made before the dev rule: it carried d_I = {stored} forward, chosen on the unseen "
+                  f"tasks' test scores. Its stability runs (and any ablations) are at d_I = {stored}, not at the "
+                  f"dev choice.", ""]
+    return lines
+
+
 def _stability_section(summary: dict[str, Any]) -> list[str]:
     st = summary["stability"]
+    agg = stability_summary(summary)
     lines = [f"## Stability: PT vs IPT-initialised PT over seeds {st['seeds']} (cf. the paper's Table 4)", "",
              f"IPT-initialised PT starts from Proj_b(z) of IST at d_I = {st['d_intrinsic']}. Std in points "
-             f"(x100) over training seeds, test scores.", "",
-             "| unseen task | PT mean | PT std | IPT-init PT mean | IPT-init PT std |", "|---|---|---|---|---|"]
-    ratios = []
+             f"(x100, ddof 1) over {len(st['seeds'])} training seeds, test scores. 'kept start': seeds whose best "
+             f"dev was the starting prompt (step 0), whose std is 0 by construction.", "",
+             "| unseen task | learnable | PT mean | PT std | PT kept start | IPT-init PT mean | IPT-init PT std | "
+             "IPT-init kept start |", "|---|---|---|---|---|---|---|---|"]
+
+    def std(xs: list[float]) -> str:
+        return f"{stdev(xs) * 100:.2f}" if len(xs) >= 2 else "n/a"
+
     for name, r in st["per_task"].items():
-        lines.append(f"| {name} | {_pct(mean(r['pt']))} | {r['pt_std']:.2f} | {_pct(mean(r['ipt_pt']))} | "
-                     f"{r['ipt_pt_std']:.2f} |")
-        if summary["learnable"].get(name) and mean(r["pt"]) > 0:
-            ratios.append(mean(r["ipt_pt"]) / mean(r["pt"]))
-    per_task = list(st["per_task"].values())
-    if per_task:
-        lines.append(f"| **mean** | | **{mean(r['pt_std'] for r in per_task):.2f}** | | "
-                     f"**{mean(r['ipt_pt_std'] for r in per_task):.2f}** |")
-    lines += ["", f"E_rel^PT of IPT-initialised PT (learnable unseen tasks): "
-              f"{_pct(mean(ratios)) if ratios else 'n/a'}%", ""]
-    return lines
+        lines.append(f"| {name} | {'yes' if summary['learnable'].get(name) else 'no'} | {_pct(mean(r['pt']))} | "
+                     f"{std(r['pt'])} | {r.get('pt_kept_start', 'n/a')} | {_pct(mean(r['ipt_pt']))} | "
+                     f"{std(r['ipt_pt'])} | {r.get('ipt_pt_kept_start', 'n/a')} |")
+    if agg is not None:
+        lines += ["", "| mean std over seeds | learnable unseen tasks | all unseen tasks |", "|---|---|---|",
+                  f"| PT | {_points(agg['pt_std'])} | {_points(agg['pt_std_all'])} |",
+                  f"| IPT-initialised PT | {_points(agg['ipt_pt_std'])} | {_points(agg['ipt_pt_std_all'])} |", "",
+                  f"E_rel^PT of IPT-initialised PT (learnable unseen tasks): {agg['ipt_pt_e_rel'].percent()}.",
+                  "Tasks with at least one seed that kept its starting prompt: "
+                  + ("n/a (not recorded by this run)" if agg["pt_kept_start"] is None else
+                     f"PT {agg['pt_kept_start']}, IPT-initialised PT {agg['ipt_pt_kept_start']}") + "."]
+    if len(st["seeds"]) < 5:
+        lines += ["", f"Only {len(st['seeds'])} seeds: too few to support a claim about stability (at least 5)."]
+    return [*lines, ""]
 
 
 def copy_summaries(run_dir: Path, dest: Path) -> list[Path]:
@@ -268,30 +440,39 @@ def copy_summaries(run_dir: Path, dest: Path) -> list[Path]:
 
 
 def _levers_section(run_dir: Path, summary: dict[str, Any]) -> list[str]:
-    """The levers tried by `ipt experiment ablate` (ablations/*.json), against the run's own IST."""
+    """The levers tried by `ipt experiment ablate` (ablations/*.json), against the run's own IST; every row
+    recomputed from the lever's per-task test scores over the tasks the report counts."""
     results = [json.loads(p.read_text()) for p in sorted((run_dir / "ablations").glob("*.json"))]
     if not results:
         return []
     d = results[0]["d_intrinsic"]
-    ref = next((r for r in headline_rows(summary) if r["challenge"] == "unseen_tasks" and r["d"] == d), None)
     lines = [f"## Levers tried on the unseen tasks at d_I = {d}", "",
              "Each row changes one thing against the run's own IST (first row) and re-learns the unseen tasks; "
              "computed by `ipt experiment ablate`.", "",
-             "| lever | what changes | E_rel^PT % | E_abs % | tasks | seconds |", "|---|---|---|---|---|---|"]
+             "| lever | what changes | E_rel^PT % | E_abs % | seconds |", "|---|---|---|---|---|"]
+    ref = find_row(headline_rows(summary), "unseen_tasks", d)
     if ref:
         lines.append(f"| (run) | IST as configured: lr {summary['config']['ist']['learning_rate']}, z from 0 | "
-                     f"{_pct(ref['e_rel'])} | {_pct(ref['e_abs'])} | {ref['tasks']} | |")
+                     f"{ref['e_rel'].percent()} | {ref['e_abs'].percent()} | |")
+    pt, _ = _reference(summary, "unseen_tasks")
     for r in sorted(results, key=lambda r: r["lever"]):
-        lines.append(f"| {r['lever']} | {r['description']} | {_pct(r['e_rel'])} | {_pct(r['e_abs'])} | "
-                     f"{r['tasks_counted']} | {r['seconds']} |")
+        scores = {n: v["test"] for n, v in r["per_task"].items()}
+        abs_names, rel_names, _ = counted_tasks(summary, "unseen_tasks", scores)
+        rel = e_rel_estimate({n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names})
+        lines.append(f"| {r['lever']} | {r['description']} | {rel.percent()} | "
+                     f"{e_abs_estimate({n: scores[n] for n in abs_names}).percent()} | {r['seconds']} |")
     return [*lines, ""]
 
 
 def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
+    controls = [("no prompt", summary.get("no_prompt"))]
+    controls += [(f"z=0 d_I={d}", summary["per_d"][str(d)].get("z0")) for d in ds]
+    controls = [(title, values) for title, values in controls if values]
     lines = ["## Appendix: per-task scores (test, %)", "",
              "| task | kind | trivial (dev) | PT dev | PT test | learnable | "
-             + " | ".join(f"IST d_I={d}" for d in ds) + " | recon d_I=" + str(ds[-1]) + " |",
-             "|---|---|---|---|---|---|" + "---|" * (len(ds) + 1)]
+             + " | ".join(f"IST d_I={d}" for d in ds) + " | recon d_I=" + str(ds[-1]) + " | "
+             + "".join(f"{title} | " for title, _ in controls),
+             "|---|---|---|---|---|---|" + "---|" * (len(ds) + 1 + len(controls))]
     seed = summary["config"]["data_seed"]
     for name in [*summary["train_tasks"], *summary["test_tasks"]]:
         pt = summary["pt"]["main"][name]
@@ -300,6 +481,6 @@ def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
         recon = summary["per_d"][str(ds[-1])]["recon"].get(name)
         lines.append(f"| {name} | {summary['kinds'][name]} | {_pct(summary['baselines'][f'{name}@{seed}'])} | "
                      f"{_pct(pt['dev'])} | {_pct(pt['test'])} | {'yes' if summary['learnable'][name] else 'no'} | "
-                     + " | ".join(ist) + f" | {_pct(recon)} |")
+                     + " | ".join(ist) + f" | {_pct(recon)} | "
+                     + "".join(f"{_pct(values.get(name))} | " for _, values in controls))
     return [*lines, ""]
-

@@ -323,9 +323,10 @@ def test_make_install_and_ci_use_the_lock() -> None:
 
 
 def test_the_locks_are_closed_under_dependencies() -> None:
-    """Both locks install with --no-deps, so each must hold every dependency of every package it pins
-    (torch and pip aside: torch is installed first, on its own; pip is the venv's). Read from the installed metadata of this environment, which
-    make install built from dev.lock: a dependency the lock forgot fails here, not in a container."""
+    """Both locks install with --no-deps, so each must hold every dependency of every package it pins (torch and
+    pip aside: torch is installed first, on its own; pip is the venv's). Read from the installed metadata of this
+    environment, which make install built from dev.lock: a dependency the lock forgot fails here, not in a
+    container."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     from packaging.markers import default_environment

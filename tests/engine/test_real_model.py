@@ -58,9 +58,10 @@ def test_ist_in_a_learned_subspace_beats_z0_and_no_prompt_and_pt_beats_no_prompt
     test = {name: evaluate(bb, [target], p.to(bb.device), "test")[0] for name, p in prompts.items()}
     test["no prompt"] = evaluate(bb, [target], None, "test")[0]
     print("test accuracy on the new task:", {k: round(v, 3) for k, v in test.items()})
-    assert test["IST"] > test["z=0"]
-    assert test["IST"] > test["no prompt"]
-    assert test["PT"] > test["no prompt"]
+    # a margin a broken IST cannot meet by chance: 0.15 on 36 test examples of a 3-label task is 6 answers
+    assert test["IST"] >= test["z=0"] + 0.15
+    assert test["IST"] >= test["no prompt"] + 0.15
+    assert test["PT"] >= test["no prompt"] + 0.15
     assert_float16_storage_keeps_predictions(bb, target, study, ist.z)
 
 

@@ -35,18 +35,56 @@ def test_proj_and_proj_b_shapes_follow_the_paper() -> None:
     z = sub.encode(prompts)
     assert z.shape == (3, 4)
     assert sub.decode(z).shape == (3, 5, 32)
-    # Proj_b is Linear -> tanh -> Linear
-    expected = sub.proj_b.out(torch.tanh(sub.proj_b.up(z))).view(3, 5, 32)
+    # Proj is one linear map of the flattened prompt; Proj_b is Linear -> tanh -> Linear, written out here
+    # from the weights (not through the modules' forward).
+    w_p, b_p = sub.proj.linear.weight, sub.proj.linear.bias
+    torch.testing.assert_close(z, prompts.reshape(3, 160) @ w_p.T + b_p)
+    up, out = sub.proj_b.up, sub.proj_b.out
+    expected = (torch.tanh(z @ up.weight.T + up.bias) @ out.weight.T + out.bias).reshape(3, 5, 32)
     torch.testing.assert_close(sub.decode(z), expected)
 
 
+def _mse_by_hand(subspace: IntrinsicSubspace, prompts: torch.Tensor) -> float:
+    """MSE(Proj_b(Proj(P)), P) written out from the weights, independently of reconstruction_error()."""
+    assert subspace.proj is not None
+    flat = prompts.reshape(prompts.shape[0], -1)
+    up, out = subspace.proj_b.up, subspace.proj_b.out
+    with torch.no_grad():
+        z = flat @ subspace.proj.linear.weight.T + subspace.proj.linear.bias
+        rebuilt = torch.tanh(z @ up.weight.T + up.bias) @ out.weight.T + out.bias
+        return float(((rebuilt - flat) ** 2).mean())
+
+
+def test_reconstruction_error_is_the_mean_squared_error() -> None:
+    """With every weight zero and Proj_b's output bias c, Proj_b(Proj(P)) = c everywhere, so the error is
+    mean((c - P)^2): 4 for P = 1 and c = 3; 1 for P = +-1 and c = 0."""
+    subspace = IntrinsicSubspace(CONFIG)
+    with torch.no_grad():
+        for p in subspace.parameters():
+            p.zero_()
+        subspace.proj_b.out.bias.fill_(3.0)
+    ones = torch.ones(2, CONFIG.n_prompt, CONFIG.d_model)
+    assert reconstruction_error(subspace, ones) == pytest.approx(4.0)
+    with torch.no_grad():
+        subspace.proj_b.out.bias.zero_()
+    signs = ones.clone()
+    signs[1] = -1.0
+    assert reconstruction_error(subspace, signs) == pytest.approx(1.0)
+
+
 def test_reconstruction_warm_up_fits_the_prompts() -> None:
+    """fit_reconstruction trains Proj and Proj_b on the reconstruction loss and returns the error of the
+    trained subspace (after its last step, not the loss seen before it), checked against the MSE computed
+    by hand from the weights."""
     torch.manual_seed(0)
     subspace = IntrinsicSubspace(CONFIG)
     prompts = torch.randn(6, CONFIG.n_prompt, CONFIG.d_model) * 0.5
-    before = reconstruction_error(subspace, prompts)
+    before = _mse_by_hand(subspace, prompts)
+    one_step = fit_reconstruction(subspace, prompts, steps=1, learning_rate=3e-2)
+    assert one_step == pytest.approx(_mse_by_hand(subspace, prompts), rel=1e-5)
+    assert one_step < before - 1e-3  # so the error after the step differs from the loss before it
     after = fit_reconstruction(subspace, prompts, steps=200, learning_rate=3e-3)
-    assert after == pytest.approx(reconstruction_error(subspace, prompts), rel=0.05)
+    assert after == pytest.approx(_mse_by_hand(subspace, prompts), rel=1e-5)
     assert after < 0.5 * before
     with pytest.raises(ValueError, match="Proj"):
         fit_reconstruction(IntrinsicSubspace(SubspaceConfig(5, 32, 4, 16, with_proj=False)), prompts, 1)

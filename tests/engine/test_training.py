@@ -52,8 +52,35 @@ def test_best_dev_prompts_are_the_ones_returned(tiny_causal: Backbone) -> None:
                                                          eval_every=3, patience=10), n_prompt=3)
     rescored = evaluate(tiny_causal, tasks, result.prompts, "dev")
     assert rescored == pytest.approx([r.dev_score for r in result.train.tasks])
-    best_from_history = max(h["dev"] for h in result.train.history)
-    assert result.train.mean_dev_score >= best_from_history - 1e-9
+
+
+def test_each_task_keeps_the_prompt_of_its_own_best_dev_evaluation(tiny_causal: Backbone,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-task selection: each task gets back the prompt that was evaluated when *its* dev score peaked
+    (a later tie does not replace it), with that score and step, even when the tasks peak at different
+    evaluations and neither peak is the last one. The dev scores are scripted; the prompts each evaluation
+    saw are recorded, so the expected rows come from what was evaluated, not from the selection code."""
+    script = {"a": [0.2, 0.9, 0.9, 0.4, 0.3], "b": [0.1, 0.3, 0.4, 0.8, 0.5]}  # evaluations at steps 0,2,4,6,8
+    seen: list[torch.Tensor] = []
+
+    def scripted_evaluate(backbone: Backbone, tasks: list[Task], prompts: torch.Tensor, split: str,
+                          **kwargs: object) -> list[float]:
+        assert split == "dev" and [t.name for t in tasks] == ["a", "b"]
+        seen.append(prompts.detach().clone())
+        return [script[t.name][len(seen) - 1] for t in tasks]
+
+    monkeypatch.setattr("ipt_engine.training.evaluate", scripted_evaluate)
+    tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE)]
+    result = prompt_tune(tiny_causal, tasks, TrainConfig(learning_rate=0.5, max_steps=8, batch_size=2,
+                                                         eval_every=2, patience=10), n_prompt=2)
+    assert len(seen) == 5
+    a, b = result.train.tasks
+    assert (a.dev_score, a.best_step, b.dev_score, b.best_step) == (0.9, 2, 0.8, 6)
+    assert result.train.mean_dev_score == pytest.approx(0.85)
+    assert [h["dev"] for h in result.train.history] == pytest.approx([0.15, 0.6, 0.65, 0.6, 0.4])
+    assert torch.equal(result.prompts[0], seen[1][0]) and torch.equal(result.prompts[1], seen[3][1])
+    # The prompts moved after the kept evaluations, so returning the last ones would fail the checks above.
+    assert not torch.equal(seen[1][0], seen[4][0]) and not torch.equal(seen[3][1], seen[4][1])
 
 
 def test_early_stopping_stops_a_task_that_does_not_improve(tiny_causal: Backbone) -> None:
@@ -101,10 +128,14 @@ def test_batched_ist_equals_one_task_at_a_time(tiny_causal: Backbone) -> None:
     """Several tasks in one IST batch reach the same z as each task trained alone."""
     sub = _subspace(tiny_causal)
     tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE), make_task("c", TaskKind.GENERATION)]
-    config = TrainConfig(learning_rate=0.3, max_steps=6, batch_size=3, eval_every=3, patience=5, max_new_tokens=3)
+    # One evaluation, after the last step: the z compared are the trained ones (with an evaluation at step 0
+    # a task whose dev score never rises gets its initial z back, equal alone or batched whatever happened).
+    config = TrainConfig(learning_rate=0.3, max_steps=6, batch_size=3, eval_every=6, patience=5, max_new_tokens=3,
+                         eval_at_start=False)
     init = initial_vectors(3, 4, ZInit.NORMAL, init_std=0.5, seed=1)
     together = intrinsic_subspace_tune(tiny_causal, tasks, sub.proj_b, config, initial_z=init)
     for i, task in enumerate(tasks):
+        assert together[i].best_step == 6 and float((together[i].z - init[i]).abs().max()) > 0.1
         (alone,) = intrinsic_subspace_tune(tiny_causal, [task], sub.proj_b, config, initial_z=init[i:i + 1])
         torch.testing.assert_close(together[i].z, alone.z, atol=1e-4, rtol=0)
         assert together[i].dev_score == pytest.approx(alone.dev_score)
@@ -113,7 +144,15 @@ def test_batched_ist_equals_one_task_at_a_time(tiny_causal: Backbone) -> None:
 def test_z_initialisation_options() -> None:
     assert torch.equal(initial_vectors(2, 3, "zeros"), torch.zeros(2, 3))
     normal = initial_vectors(2, 3, "normal", init_std=0.01, seed=0)
-    assert 0 < float(normal.abs().max()) < 0.1
+    assert torch.equal(normal, initial_vectors(2, 3, "normal", init_std=0.01, seed=0))  # seeded
+    assert not torch.equal(normal, initial_vectors(2, 3, "normal", init_std=0.01, seed=1))
+    torch.testing.assert_close(initial_vectors(2, 3, "normal", init_std=0.03, seed=0), 3 * normal)  # std scales
+    many = initial_vectors(200, 50, "normal", init_std=0.01, seed=0)
+    assert float(many.mean()) == pytest.approx(0.0, abs=1e-3) and float(many.std()) == pytest.approx(0.01, rel=0.05)
+    # With task names, a task starts from the same z alone or in a batch.
+    batch = initial_vectors(2, 3, "normal", seed=0, task_names=["a", "b"])
+    assert torch.equal(batch[1], initial_vectors(1, 3, "normal", seed=0, task_names=["b"])[0])
+    assert not torch.equal(batch[0], batch[1])
     known = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
     assert torch.equal(initial_vectors(2, 3, "mean", known_vectors=known), torch.tensor([[2.0, 3.0, 4.0]] * 2))
     with pytest.raises(ValueError, match="needs known task vectors"):
@@ -135,27 +174,40 @@ def test_nearest_init_picks_the_known_vector_that_fits_the_task(tiny_causal: Bac
         intrinsic_subspace_tune(tiny_causal, [task], sub.proj_b, config, init="nearest")
 
 
-def test_msf_learns_to_reconstruct_prompts(tiny_causal: Backbone) -> None:
+def test_msf_learns_to_reconstruct_prompts_with_the_plm_frozen(tiny_causal: Backbone) -> None:
+    """MSF trains Proj and Proj_b (the reconstruction error halves), returns Proj(P_i) as the task vectors,
+    and leaves the PLM as it found it: the same weights, still frozen, no gradients left on it."""
     tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE), make_task("c")]
     prompts = sample_vocab_prompts(tiny_causal.input_embeddings, 3, 3, seed=0)
     sub_cfg = SubspaceConfig(3, tiny_causal.hidden_size, 4, 16)
     torch.manual_seed(0)
     untrained = reconstruction_error(IntrinsicSubspace(sub_cfg), prompts)
+    plm_before = {k: v.detach().clone() for k, v in tiny_causal.model.state_dict().items()}
     config = TrainConfig(learning_rate=1e-2, max_steps=30, batch_size=2, tasks_per_step=2, eval_every=30,
                          patience=5, eval_at_start=False)
     result = find_subspace(tiny_causal, tasks, config, sub_cfg, task_prompts=prompts, alpha=1000.0)
-    assert result.task_vectors.shape == (3, 4)
+    assert result.subspace.proj is not None
+    with torch.no_grad():
+        torch.testing.assert_close(result.task_vectors, result.subspace.proj(prompts))
     assert reconstruction_error(result.subspace, prompts) < untrained / 2
-    assert all(not p.requires_grad or p.grad is None for p in tiny_causal.model.parameters())
+    plm_after = tiny_causal.model.state_dict()
+    assert plm_after.keys() == plm_before.keys()
+    assert all(torch.equal(plm_after[k], v) for k, v in plm_before.items())
+    assert all(not p.requires_grad and p.grad is None for p in tiny_causal.model.parameters())
 
 
 def test_msf_without_proj_trains_z_and_proj_b_jointly(tiny_seq2seq: Backbone) -> None:
     tasks = [make_task("a"), make_task("b", TaskKind.GENERATION)]
     sub_cfg = SubspaceConfig(3, tiny_seq2seq.hidden_size, 4, 16, with_proj=False)
-    config = TrainConfig(learning_rate=1e-2, max_steps=4, batch_size=2, eval_every=2, patience=5, max_new_tokens=3)
-    result = find_subspace(tiny_seq2seq, tasks, config, sub_cfg)
-    assert result.subspace.proj is None
-    assert result.task_vectors.shape == (2, 4) and float(result.task_vectors.abs().sum()) > 0
+    config = TrainConfig(learning_rate=1e-2, max_steps=4, batch_size=2, eval_every=4, patience=5, max_new_tokens=3,
+                         eval_at_start=False)
+    torch.manual_seed(config.seed)
+    untrained = IntrinsicSubspace(sub_cfg)  # what find_subspace starts from (it seeds the same way)
+    result = find_subspace(tiny_seq2seq, tasks, config, sub_cfg, z_init_std=0.0)
+    assert result.subspace.proj is None and result.task_vectors.shape == (2, 4)
+    assert bool((result.task_vectors != 0).any(dim=1).all())  # each task's z left the zero it started at
+    for k, v in untrained.proj_b.state_dict().items():  # and Proj_b trained too
+        assert not torch.equal(result.subspace.proj_b.state_dict()[k], v), k
     with pytest.raises(ValueError, match="needs the tasks' PT prompts"):
         find_subspace(tiny_seq2seq, tasks, config, SubspaceConfig(3, tiny_seq2seq.hidden_size, 4, 16))
 
@@ -182,10 +234,16 @@ def test_one_tasks_nan_loss_stops_only_that_task(tiny_causal: Backbone) -> None:
 
 
 def test_batched_pt_equals_one_task_at_a_time(tiny_causal: Backbone) -> None:
+    """Each task's prompt after batched PT equals its prompt after PT alone. One evaluation, after the last
+    step, so the prompts compared are trained ones (an evaluation at step 0 could hand back the initial
+    prompts, equal alone or batched whatever training did)."""
     tasks = [make_task("a"), make_task("b", TaskKind.MULTIPLE_CHOICE)]
-    config = TrainConfig(learning_rate=0.1, max_steps=4, batch_size=2, eval_every=2, patience=5)
+    config = TrainConfig(learning_rate=0.1, max_steps=4, batch_size=2, eval_every=4, patience=5, eval_at_start=False)
     together = prompt_tune(tiny_causal, tasks, config, n_prompt=3)
+    initial = sample_vocab_prompts(tiny_causal.input_embeddings, 2, 3, seed=config.seed, task_names=["a", "b"])
     for i, task in enumerate(tasks):
+        assert together.train.tasks[i].best_step == 4
+        assert float((together.prompts[i] - initial[i]).abs().max()) > 0.1
         alone = prompt_tune(tiny_causal, [task], config, n_prompt=3)
         torch.testing.assert_close(together.prompts[i], alone.prompts[0], atol=1e-4, rtol=0)
 
@@ -196,11 +254,12 @@ def test_shared_selection_keeps_the_best_mean() -> None:
 
     params = JointVectors(IntrinsicSubspace(SubspaceConfig(2, 4, 2, 4, with_proj=False)), 2, 0.1, 0)
     state = _SelectionState(2)
-    state.update(params, [0, 1], [0.3, 0.9], step=1, patience=3)
+    config = TrainConfig(patience=3)
+    state.update(params, [0, 1], [0.3, 0.9], 1, config)
     kept = params.z_table.detach().clone()
     with torch.no_grad():
         params.z_table.add_(1.0)
-    state.update(params, [0, 1], [0.2, 0.5], step=2, patience=3)  # task 0 is above 0.3 is not what counts
+    state.update(params, [0, 1], [0.2, 0.5], 2, config)  # the mean fell (0.35 < 0.6): nothing new is kept
     assert state.best_mean == pytest.approx(0.6) and state.best_step == [1, 1] and state.bad_evals == [1, 1]
     state.restore(params)
     assert torch.equal(params.z_table.detach(), kept)

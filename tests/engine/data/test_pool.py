@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ipt_engine.data.bigbench import ConversionRules, convert_task
-from ipt_engine.data.pool import TaskPool, prepare_pool
+from ipt_engine.data.pool import (
+    TaskPool,
+    dedupe_examples,
+    normalise_text,
+    prepare_pool,
+    split_test,
+    texts_of,
+)
 from ipt_engine.data.splits import TRAIN_FRACTIONS, load_split, make_splits, save_splits
+from ipt_engine.errors import InvalidTaskError
 from ipt_engine.metrics import MetricName
 from ipt_engine.model_loading import default_cache_dir
-from ipt_engine.tasks import TaskKind
-from tests.engine.data.fixtures import TASKS, write_fake_sdist
+from ipt_engine.tasks import Example, TaskKind
+from tests.engine.data.fixtures import ROOT, TASKS, write_fake_sdist
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,11 @@ def test_a_smaller_dev_set_leaves_train_and_test_alone(pool: TaskPool) -> None:
 
 def test_non_classification_tasks_take_32_shots(pool: TaskPool) -> None:
     task = pool.few_shot("larger", seed=0)
-    assert len(task.train) == 32 and len(task.dev) == 32 and len(task.test) == 120 - 64
+    # 120 examples cannot hold a test set and two draws of 64: the test keeps MIN_TEST = 20, one draw fits, and a
+    # second, disjoint draw gets the 36 left (32 train + 4 dev)
+    assert len(task.train) == 32 and len(task.dev) == 32 and len(task.test) == 20
+    second = pool.few_shot("larger", seed=1, exclude=texts_of(task.train + task.dev))
+    assert (len(second.train), len(second.dev)) == (32, 4)
     assert all(e.options and e.output in e.options for e in task.train)
 
 
@@ -125,3 +141,137 @@ def test_index_says_why_tasks_were_skipped(pool: TaskPool) -> None:
     assert index["summary"]["usable"] == len(index["tasks"]) == 5
     reasons = {s["name"]: s["reason"] for s in index["skipped"]}
     assert set(reasons) == {"family", "tiny", "french", "program", "broken"}
+
+
+# A skewed classification task: 150 / 40 / 12 / 3 distinct inputs per label, plus 12 duplicates after them
+# (exact, whitespace/case, full-width (NFKC) and one with another label) that preparing the pool drops.
+SKEWED_COUNTS = {"alpha": 150, "beta": 40, "gamma": 12, "delta": 3}
+SKEWED_DUPLICATES = 12
+
+
+def _item(label: str, i: int) -> str:
+    return f"Item {label} number {i}."
+
+
+def _skewed_examples() -> list[dict[str, Any]]:
+    distinct = [{"input": _item(label, i), "target": label} for label, n in SKEWED_COUNTS.items() for i in range(n)]
+    duplicates = (
+        [{"input": _item("alpha", i), "target": "alpha"} for i in range(5)]  # exact
+        + [{"input": f"  ITEM beta\tnumber {i}.  ", "target": "beta"} for i in range(3)]  # case and whitespace
+        + [{"input": _item("gamma", i).upper(), "target": "gamma"} for i in range(2)]  # case
+        + [{"input": "\uff29\uff54\uff45\uff4d delta number 0.", "target": "delta"}]  # full-width "Item" (NFKC)
+        + [{"input": _item("alpha", 5).lower(), "target": "delta"}]  # same input, another label: the first stays
+    )
+    assert len(duplicates) == SKEWED_DUPLICATES
+    return distinct + duplicates
+
+
+def _write_sdist(path: Path, tasks: dict[str, dict[str, Any]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for rel, data in tasks.items():
+            payload = json.dumps(data).encode()
+            info = tarfile.TarInfo(f"{ROOT}/{rel}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory: pytest.TempPathFactory) -> TaskPool:
+    root = tmp_path_factory.mktemp("skewed")
+    task = {"name": "skewed", "keywords": ["x"], "metrics": ["exact_str_match"], "examples": _skewed_examples()}
+    summary = prepare_pool(_write_sdist(root / "bigbench-1.0.0.tar.gz", {"skewed/task.json": task}), root / "pool")
+    assert summary["usable"] == 1
+    return TaskPool(root / "pool")
+
+
+def _label_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(Counter(e.output for e in examples))
+
+
+def test_normalise_text_and_dedupe_examples() -> None:
+    assert normalise_text("  \uff28\uff45llo\t \n WORLD  Stra\u00dfe ") == "hello world strasse"
+    question = Example("Which?", "a", ("a", "b"))
+    same = [Example(" which? ", "b", ("B ", "A")), Example("WHICH?", "a", ("a", "b"))]
+    other = [Example("Which?", "a", ("a", "c")), Example("Which one?", "a", ("a", "b"))]
+    kept, dropped = dedupe_examples([question, *same, *other])
+    assert kept == [question, *other] and dropped == 2
+    assert texts_of([Example(" A  b ", "x"), Example("a B", "y")]) == {"a b"}
+
+
+def test_index_records_the_duplicates_dropped(skewed: TaskPool, pool: TaskPool) -> None:
+    index = json.loads((skewed.root / "index.json").read_text())
+    assert index["summary"]["duplicates_dropped"] == SKEWED_DUPLICATES
+    entry = skewed.entries["skewed"]
+    assert entry["duplicates_dropped"] == SKEWED_DUPLICATES and entry["num_examples"] == 205
+    written = [Example.from_dict(e) for e in skewed.load("skewed")["examples"]]
+    assert _label_counts(written) == SKEWED_COUNTS and dedupe_examples(written)[1] == 0
+    assert all(e["duplicates_dropped"] == 0 for e in pool.entries.values())
+
+
+@pytest.mark.parametrize(("max_test", "expected"), [
+    (200, {"alpha": 86, "beta": 1, "gamma": 1, "delta": 1}),  # every label gives all it can spare
+    (20, {"alpha": 17, "beta": 1, "gamma": 1, "delta": 1}),  # the rare labels' shares are capped at 1
+    (12, {"alpha": 9, "beta": 1, "gamma": 1, "delta": 1}),
+    (3, {"alpha": 1, "delta": 1, "gamma": 1}),  # fewer places than labels: beta, first of the least spare, gets 0
+])
+def test_classification_test_set_is_balanced_across_labels(skewed: TaskPool, max_test: int,
+                                                          expected: dict[str, int]) -> None:
+    # spare per label (K = 16, room for 2 draws of train + dev: 64): alpha 150 - 64 = 86, beta 40 - 39 = 1,
+    # gamma 12 - 11 = 1, delta 3 - 2 = 1
+    task = skewed.few_shot("skewed", seed=0, max_test=max_test)
+    assert _label_counts(task.test) == expected
+    if max_test >= len(SKEWED_COUNTS):
+        assert set(_label_counts(task.train)) == set(SKEWED_COUNTS) <= set(expected)  # every train label tested
+    left = {label: n - expected.get(label, 0) for label, n in SKEWED_COUNTS.items()}
+    assert _label_counts(task.train) == {label: min(16, n) for label, n in left.items()}
+
+
+def test_splits_share_no_normalised_text_and_test_is_seed_independent(skewed: TaskPool) -> None:
+    first = skewed.few_shot("skewed", seed=0)
+    for seed in range(4):
+        task = skewed.few_shot("skewed", seed=seed)
+        train, dev, test = texts_of(task.train), texts_of(task.dev), texts_of(task.test)
+        assert len(train) == len(task.train) and len(dev) == len(task.dev) and len(test) == len(task.test)
+        assert not train & dev and not train & test and not dev & test
+        assert [e.input for e in task.test] == [e.input for e in first.test]
+    assert [e.input for e in skewed.few_shot("skewed", 5, exclude=texts_of(first.train)).test] == \
+        [e.input for e in first.test]
+
+
+def test_an_unseen_data_seed_excludes_the_main_seeds_train_and_dev(skewed: TaskPool) -> None:
+    main = skewed.few_shot("skewed", seed=0, max_test=20)
+    used = texts_of(main.train + main.dev)
+    assert used & texts_of(skewed.few_shot("skewed", seed=1, max_test=20).train)  # overlap unless excluded
+    unseen = skewed.few_shot("skewed", seed=1, max_test=20, exclude=used)
+    assert not used & texts_of(unseen.train + unseen.dev)
+    assert not texts_of(unseen.train) & texts_of(unseen.dev)
+    # left for train + dev after test (17 / 1 / 1 / 1): 133 / 39 / 11 / 2; main took 32 / 32 / 11 / 2
+    assert _label_counts(unseen.train) == {"alpha": 16, "beta": 7} and _label_counts(unseen.dev) == {"alpha": 16}
+    assert [e.input for e in unseen.test] == [e.input for e in main.test]
+
+
+def test_a_pool_prepared_before_dedup_is_deduplicated_when_sampled(tmp_path: Path) -> None:
+    distinct = [{"input": f"Is {i} big?", "output": ["no", "yes"][i % 2]} for i in range(80)]
+    variants = [{"input": f"  IS {e['input'][3:]} ", "output": e["output"]} for e in distinct]
+    (tmp_path / "tasks").mkdir()
+    entry = {"name": "old", "kind": "classification", "metric": "accuracy", "labels": ["no", "yes"]}
+    (tmp_path / "index.json").write_text(json.dumps({"tasks": [entry]}))
+    (tmp_path / "tasks" / "old.json").write_text(json.dumps({**entry, "examples": distinct + variants}))
+    for seed in range(3):
+        task = TaskPool(tmp_path).few_shot("old", seed=seed)
+        assert _label_counts(task.test) == {"no": 1, "yes": 1}  # 40 distinct per label, 39 kept for train + dev
+        splits = [texts_of(task.train), texts_of(task.dev), texts_of(task.test)]
+        assert sum(map(len, splits)) == len(set().union(*splits)) == len(task.train + task.dev + task.test)
+
+
+def test_exclusion_that_leaves_too_little_is_a_clear_error(skewed: TaskPool) -> None:
+    everything = texts_of(Example.from_dict(e) for e in skewed.load("skewed")["examples"])
+    with pytest.raises(InvalidTaskError, match="training example"):
+        skewed.few_shot("skewed", seed=0, exclude=everything)
+
+
+def test_split_test_keeps_the_old_rule_for_other_kinds() -> None:
+    examples = [Example(f"q{i}", "a", ("a", "b")) for i in range(200)]
+    test, rest = split_test(examples, TaskKind.MULTIPLE_CHOICE, None, 16, 32, 200)
+    assert len(test) == 200 - 128 and len(rest) == 128 and not texts_of(test) & texts_of(rest)  # 2 draws x 64
