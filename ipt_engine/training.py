@@ -183,7 +183,7 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
         idx = state.active if params.per_task else list(range(num))
         with torch.no_grad():
             prompts = params.prompts(torch.tensor(idx, device=backbone.device))
-            dev_losses = _dev_losses(backbone, [tasks[i] for i in idx], prompts) if config.dev_loss else None
+            dev_losses = mean_dev_losses(backbone, [tasks[i] for i in idx], prompts) if config.dev_loss else None
         scores = evaluate(backbone, [tasks[i] for i in idx], prompts, "dev", max_new_tokens=config.max_new_tokens)
         history.append({"step": step, "loss": loss, "dev": sum(scores) / len(scores)})
         log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
@@ -363,7 +363,7 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
     return (total / len(batch_tasks) if params.per_task else total), failed, per_task_loss
 
 
-def _dev_losses(backbone: Backbone, tasks: Sequence[Task], prompts: Tensor) -> list[float]:
+def mean_dev_losses(backbone: Backbone, tasks: Sequence[Task], prompts: Tensor) -> list[float]:
     """Each task's mean per-token loss of its dev targets with its prompt (prompts [len(tasks), n, d])."""
     pairs = [(i, t.text_pair(e)) for i, t in enumerate(tasks) for e in t.dev]
     index = torch.tensor([i for i, _ in pairs], device=prompts.device)

@@ -21,6 +21,7 @@ from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.ist import ZInit, intrinsic_subspace_tune
+from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
 from ipt_engine.metrics import e_abs, e_rel
 from ipt_engine.msf import find_subspace
 from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
@@ -39,6 +40,7 @@ class Lever:
     ist: dict[str, Any] = field(default_factory=dict)  # StageSettings overrides for IST
     init: ZInit = ZInit.ZEROS
     msf: dict[str, Any] = field(default_factory=dict)  # MSF variant: with_proj, alpha
+    optimizer: str = "adamw"  # "adamw": the run's IST loop; "lbfgs": full-batch L-BFGS (ipt_engine.ist_lbfgs)
 
 
 LEVERS: tuple[Lever, ...] = (
@@ -52,6 +54,8 @@ LEVERS: tuple[Lever, ...] = (
     Lever("msf-without-proj", "MSF without Proj: free z_i per train task learnt with Proj_b (LM loss only)",
           msf={"with_proj": False}),
     Lever("msf-alpha-20", "MSF with alpha = 20 instead of 200 (less weight on reconstruction)", msf={"alpha": 20.0}),
+    Lever("ist-lbfgs", "IST with full-batch L-BFGS (strong Wolfe, up to 15 iterations, patience 5) instead of AdamW",
+          optimizer="lbfgs"),
 )
 
 
@@ -106,15 +110,19 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
         known = stack_for(run.train_names, vectors, "task vectors")
     tasks = run.tasks(run.test_names, cfg.data_seed)
     settings = _ist_settings(cfg, lever.ist)
-    results = intrinsic_subspace_tune(run.backbone, tasks, proj_b, settings.train_config(cfg.data_seed,
-                                                                                          cfg.max_new_tokens),
-                                      init=lever.init, known_vectors=known)
+    if lever.optimizer == "lbfgs":
+        results = lbfgs_subspace_tune(run.backbone, tasks, proj_b, LBFGSConfig(max_new_tokens=cfg.max_new_tokens))
+    else:
+        results = intrinsic_subspace_tune(run.backbone, tasks, proj_b,
+                                          settings.train_config(cfg.data_seed, cfg.max_new_tokens),
+                                          init=lever.init, known_vectors=known)
     with torch.no_grad():
         test = run.test_scores(tasks, proj_b(torch.stack([r.z for r in results])))
-    per_task = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step}
-                for r, s in zip(results, test, strict=True)}
+    per_task = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
+                         "history": r.history} for r, s in zip(results, test, strict=True)}
     out = {"lever": lever.name, "description": lever.description, "d_intrinsic": d, "per_task": per_task,
            "ist": settings.__dict__, "init": str(lever.init), "msf": lever.msf,
+           "optimizer": lever.optimizer,
            "seconds": round(time.perf_counter() - start, 1), **lever_scores(summary, per_task)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -131,8 +131,9 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     card = (out / "MODEL_CARD.md").read_text()
     assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
 
-    levers = run_levers(run_dir, only=["ist-lr-0.1", "init-nearest", "msf-without-proj"])
-    assert [r["lever"] for r in levers] == ["ist-lr-0.1", "init-nearest", "msf-without-proj"]
+    levers = run_levers(run_dir, only=["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs"])
+    assert [r["lever"] for r in levers] == ["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs"]
+    assert levers[3]["optimizer"] == "lbfgs" and all(r["history"] for r in levers[3]["per_task"].values())
     for r in levers:
         assert set(r["per_task"]) == set(summary["test_tasks"])
         assert (run_dir / "ablations" / f"{r['lever']}.json").is_file()
