@@ -32,11 +32,15 @@ def run(config: Annotated[str, typer.Argument(help="config name (smoke, paper-sm
     pool_dir = pool or (Path(cfg.pool) if cfg.pool else default_pool_dir())
     summary = run_experiment(cfg, out, pool_dir, command="ipt " + shlex.join(sys.argv[1:]))
     console.print(f"run complete: {out / 'summary.json'}")
-    for row in headline_rows(summary):
-        if row["e_rel"] is not None:
-            console.print(f"  {row['challenge']:<18} d_I={row['d']:<4} E_rel^PT {100 * row['e_rel']:6.1f}%  "
-                          f"E_abs {100 * row['e_abs']:5.1f}%  ({row['tasks']} tasks)")
+    for line in headline_lines(summary):
+        console.print(line)
     console.print(f"write the report with: ipt experiment report {out}")
+
+
+def headline_lines(summary: dict) -> list[str]:
+    """One line per (challenge, d_I, method) of a finished run: E_rel^PT and E_abs with intervals and counts."""
+    return [f"  {row['challenge']:<18} d_I={row['d']:<4} {row['method']:<9} E_rel^PT {row['e_rel'].percent()}  "
+            f"E_abs {row['e_abs'].percent()}" for row in headline_rows(summary)]
 
 
 @experiment_app.command()
@@ -58,7 +62,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory with su
 @experiment_app.command()
 def export(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with summary.json)")],
            out: Annotated[Path, typer.Option(help="artifact directory to write")],
-           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the run's best on unseen tasks)")]
+           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the one the run chose on dev)")]
            = None,
            pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the run's)")] = None,
            ) -> None:
@@ -73,7 +77,7 @@ def export(run_dir: Annotated[Path, typer.Argument(help="a finished run director
 
 @experiment_app.command()
 def ablate(run_dir: Annotated[Path, typer.Argument(help="a finished run directory (with summary.json)")],
-           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the run's best on unseen tasks)")]
+           d_intrinsic: Annotated[int | None, typer.Option(help="which d_I (default: the one the run chose on dev)")]
            = None,
            only: Annotated[list[str] | None, typer.Option(help="lever name (repeatable; default: every lever)")] = None,
            pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the run's)")] = None,

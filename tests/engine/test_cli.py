@@ -100,3 +100,17 @@ def test_data_fetch_keeps_an_sdist_already_in_the_cache(tmp_path: Path) -> None:
 def test_experiment_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["experiment", "report", str(tmp_path)])
     assert result.exit_code != 0 and "summary.json is missing" in str(result.exception)
+
+
+def test_experiment_run_prints_the_headline_of_a_finished_run() -> None:
+    """What `ipt experiment run` prints at the end, on the committed summary of the published run."""
+    import json
+    from pathlib import Path
+
+    from ipt_engine.cli_experiment import headline_lines
+
+    published = Path(__file__).resolve().parents[2] / "docs" / "results" / "paper-small-cpu" / "summary.json"
+    summary = json.loads(published.read_text())
+    lines = headline_lines(summary)
+    assert any("unseen_tasks" in line and "d_I=250" in line and "84.8 [" in line and "(k=4)" in line
+               for line in lines)
