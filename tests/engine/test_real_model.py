@@ -1,4 +1,5 @@
-"""Claims about the real SmolLM2-135M backbone (marked `real_model`; they run in CI too, ~6 minutes on 2 cores).
+"""Claims about the real SmolLM2-135M backbone (marked `real_model`; they run in CI too, ~8 minutes on 2
+cores, L-BFGS IST included).
 
 A new 3-label classification task (16 training examples per label, held-out test examples) is learned
 by IST (AdamW, and full-batch L-BFGS) inside a subspace that MSF found from four related tasks in this test:
