@@ -44,6 +44,15 @@ def real_backbone() -> Backbone:
     return Backbone.load("smollm2", dtype="float32")
 
 
+def train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
+    """Mean per-row loss of every train row of `task` with one prompt [1, n, d] (no gradient)."""
+    pairs = [task.text_pair(e) for e in task.train]
+    with torch.no_grad():
+        ll, count = bb.target_log_likelihood(prompt.expand(len(pairs), -1, -1), [p.source for p in pairs],
+                                             [p.target for p in pairs])
+    return float((-(ll / count)).mean())
+
+
 def make_task(name: str = "sentiment", kind: TaskKind = TaskKind.CLASSIFICATION, n: int = 6) -> Task:
     """A small valid task of the given kind for mechanics tests."""
     words = ["great", "terrible", "fine", "awful", "lovely", "bad", "nice", "poor", "good", "sad", "happy", "dull"]

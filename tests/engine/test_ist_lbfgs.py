@@ -9,16 +9,8 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
 from ipt_engine.subspace import ProjB, SubspaceConfig
-from ipt_engine.tasks import Task, TaskKind
-from tests.conftest import make_task
-
-
-def _full_train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
-    pairs = [task.text_pair(e) for e in task.train]
-    with torch.no_grad():
-        ll, count = bb.target_log_likelihood(prompt.expand(len(pairs), -1, -1), [p.source for p in pairs],
-                                             [p.target for p in pairs])
-    return float((-(ll / count)).mean())
+from ipt_engine.tasks import TaskKind
+from tests.conftest import make_task, train_loss
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +23,12 @@ def test_lbfgs_lowers_the_full_train_loss_and_records_it(tiny_causal: Backbone, 
     task = make_task("gen", TaskKind.GENERATION, n=8)
     (r,) = lbfgs_subspace_tune(tiny_causal, [task], proj_b, LBFGSConfig(max_iterations=4, patience=10,
                                                                         max_new_tokens=4))
-    start = _full_train_loss(tiny_causal, task, proj_b(torch.zeros(1, 4)).detach())
+    start = train_loss(tiny_causal, task, proj_b(torch.zeros(1, 4)).detach())
     assert [h["step"] for h in r.history] == list(range(5)) and r.steps == 4
     losses = [h["train_loss"] for h in r.history[1:]]
     assert losses[-1] < start - 0.05  # L-BFGS with a strong-Wolfe line search never accepts a worse point
     assert all(b <= a + 1e-5 for a, b in zip([start, *losses], losses, strict=False))
-    assert _full_train_loss(tiny_causal, task, proj_b(r.z[None]).detach()) < start  # the kept z fits better
+    assert train_loss(tiny_causal, task, proj_b(r.z[None]).detach()) < start  # the kept z fits better
     best = r.history[r.best_step]
     assert best["dev"] == pytest.approx(r.dev_score) and abs(float(r.z.norm()) - best["norm"]) < 1e-5
     assert r.error is None and r.z.device.type == "cpu"

@@ -15,17 +15,10 @@ from ipt_engine.prompt_tuning import ipt_initialised_prompt_tune, prompt_tune, s
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import Task, TaskKind
 from ipt_engine.training import TrainConfig
-from tests.conftest import make_task
+from tests.conftest import make_task, train_loss
 
 FAST = TrainConfig(learning_rate=0.05, max_steps=8, batch_size=4, eval_every=4, patience=3)
 
-
-def _train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
-    pairs = [task.text_pair(e) for e in task.train]
-    with torch.no_grad():
-        ll, count = bb.target_log_likelihood(prompt.expand(len(pairs), -1, -1), [p.source for p in pairs],
-                                             [p.target for p in pairs])
-    return float((-(ll / count)).mean())
 
 
 def test_prompt_tuning_lowers_the_training_loss(tiny_backbone: Backbone) -> None:
@@ -35,7 +28,7 @@ def test_prompt_tuning_lowers_the_training_loss(tiny_backbone: Backbone) -> None
                          eval_at_start=False, max_new_tokens=4)
     result = prompt_tune(tiny_backbone, [task], config, initial_prompts=init)
     assert result.prompts.shape == (1, 4, tiny_backbone.hidden_size)
-    assert _train_loss(tiny_backbone, task, result.prompts) < _train_loss(tiny_backbone, task, init) - 0.1
+    assert train_loss(tiny_backbone, task, result.prompts) < train_loss(tiny_backbone, task, init) - 0.1
 
 
 def test_initial_prompts_are_sampled_vocabulary_embeddings(tiny_causal: Backbone) -> None:
