@@ -157,7 +157,7 @@ class Backbone:
     @torch.no_grad()
     def score_options(self, prompts: Tensor | None, sources: Sequence[str],
                       options: Sequence[Sequence[str]]) -> list[OptionScores]:
-        """Rank classification: the log-likelihood of every option of every row.
+        """Rank classification: the log-likelihood of every option of every row (no gradient).
 
         Args:
             prompts: [batch, n, d] or None. sources: batch strings. options: per row, its option texts
@@ -166,6 +166,22 @@ class Backbone:
             per row, an OptionScores over its options. All (row, option) pairs are sorted by length and
             packed into forward passes of at most `max_batch_tokens` tokens.
         """
+        sums, counts = self.option_log_likelihoods(prompts, sources, options)
+        out: list[OptionScores] = []
+        start = 0
+        for opts in options:
+            end = start + len(opts)
+            out.append(OptionScores(sums[start:end].detach(), counts[start:end]))
+            start = end
+        return out
+
+    def option_log_likelihoods(self, prompts: Tensor | None, sources: Sequence[str],
+                               options: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """The log-likelihood of every option of every row, differentiable with respect to `prompts`.
+
+        Returns (sums [P], token counts [P]) over the P (row, option) pairs, row after row (CPU, float32 and
+        int64). Causal LMs run each row's prompt and source once and score its options on the shared cache.
+        """
         self._check_prompts(prompts, len(sources))
         if len(options) != len(sources):
             raise ValueError(f"{len(sources)} sources but options for {len(options)} rows")
@@ -173,25 +189,19 @@ class Backbone:
         empty = [i for i, opts in enumerate(options) if not opts]
         if empty:
             raise ValueError(f"rows {empty[:10]} have no answer options to score")
-        if not sources:
-            return []
         rows = [row for i, opts in enumerate(options) for row in self._tokenize(i, sources[i], opts, n)]
         sums = torch.zeros(len(rows))
         counts = torch.tensor([len(r.target) for r in rows], dtype=torch.long)
+        if not rows:
+            return sums, counts
         if self.is_encoder_decoder:
             order = sorted(range(len(rows)), key=lambda k: rows[k].length)
             for chunk in self._chunks(order, rows, n):
                 s, _ = self._log_likelihood(prompts, [rows[k] for k in chunk])
-                sums[chunk] = s.float().cpu()
+                sums = sums.index_put((torch.tensor(chunk),), s.float().cpu())
         else:
-            self._score_shared_prefix(prompts, rows, n, sums)
-        out: list[OptionScores] = []
-        start = 0
-        for opts in options:
-            end = start + len(opts)
-            out.append(OptionScores(sums[start:end], counts[start:end]))
-            start = end
-        return out
+            sums = self._score_shared_prefix(prompts, rows, n, sums)
+        return sums, counts
 
     @torch.no_grad()
     def generate(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int = 32) -> list[str]:
@@ -265,11 +275,12 @@ class Backbone:
             chunks.append(current)
         return chunks
 
-    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor) -> None:
+    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor) -> Tensor:
         """Causal LMs: run each row's prompt + source once and score all its options on the shared KV cache.
 
         A row with k options costs n + S + k * T tokens instead of k * (n + S + T). `rows` holds one entry
-        per (row, option); entries of one row are contiguous. Writes each option's log-likelihood into `sums`.
+        per (row, option); entries of one row are contiguous. Returns `sums` with each option's log-likelihood
+        put in (out of place, so that gradients flow to the prompts).
         """
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(rows):
@@ -287,17 +298,18 @@ class Backbone:
             fits = ((len(chunk) + 1) * grown[0] <= self.max_batch_tokens
                     and grown[2] * (grown[0] + grown[1]) <= self.max_batch_tokens)
             if chunk and not fits:
-                self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
+                sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
                                                                    for j in chunk}, n, sums)
                 chunk, grown = [], (width, option_width, len(groups[i]))
             chunk.append(i)
             max_prefix, max_option, n_options = grown
         if chunk:
-            self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
-                                                               for j in chunk}, n, sums)
+            sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
+                                                                      for j in chunk}, n, sums)
+        return sums
 
     def _score_prefix_chunk(self, prompts: Tensor | None, chunk: list[int], prefix: dict[int, list[int]],
-                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor) -> None:
+                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor) -> Tensor:
         ids, mask = self._pad([prefix[i] for i in chunk])
         emb = self.model.get_input_embeddings()(ids)
         if prompts is not None:
@@ -326,7 +338,7 @@ class Backbone:
             nxt, _ = self._pad([t[1:] for t in pair_tokens])
             logp = self._to_logits(more).float().log_softmax(-1).gather(2, nxt[..., None]).squeeze(2)
             total = total + (logp * inp_mask).sum(1)
-        sums[pair_index] = total.cpu()
+        return sums.index_put((torch.tensor(pair_index),), total.float().cpu())
 
     def _causal_states(self, **inputs: object) -> tuple[Tensor, object]:
         """Forward a causal LM; returns (hidden states, or logits when the head path is off) and the cache."""

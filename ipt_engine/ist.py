@@ -17,7 +17,7 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.prompt_tuning import task_generators
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
-from ipt_engine.training import EvalHook, PromptParameters, TaskTrainResult, TrainConfig, train_prompts
+from ipt_engine.training import EvalHook, HistoryEntry, PromptParameters, TaskTrainResult, TrainConfig, train_prompts
 
 DEFAULT_IST_LEARNING_RATE = 1.0
 """z has few coordinates, and the task vectors MSF finds lie far from the origin (|z_i| of order 10 with
@@ -110,7 +110,7 @@ class ISTResult:
     best_step: int
     wall_seconds: float  # of the whole batched run this task was part of
     error: str | None = None  # set when this task's training stopped abnormally (NaN loss, stop request)
-    history: list[dict[str, float | None]] = field(default_factory=list)  # per evaluation; see TaskTrainResult
+    history: list[HistoryEntry] = field(default_factory=list)  # per evaluation; see TaskTrainResult
 
 
 def intrinsic_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, config: TrainConfig, *,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ipt_engine.backbone import Backbone
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
-from ipt_engine.training import PromptParameters, TrainConfig, TrainResult, train_prompts
+from ipt_engine.training import EvalHook, PromptParameters, TrainConfig, TrainResult, train_prompts
 
 VOCAB_SAMPLE_TOP = 5000
 """Initial prompts sample tokens among the first ids of the vocabulary (BPE ids are roughly ordered by
@@ -72,7 +72,7 @@ class PromptTuningResult:
 
 
 def prompt_tune(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig, *, n_prompt: int = 100,
-                initial_prompts: Tensor | None = None) -> PromptTuningResult:
+                initial_prompts: Tensor | None = None, on_evaluate: EvalHook | None = None) -> PromptTuningResult:
     """Vanilla PT of every task at once (each row its own task's prompt); best-dev prompts per task.
 
     initial_prompts: [num_tasks, n, d] to start from (e.g. Proj_b(z)); default sampled vocabulary embeddings."""
@@ -82,7 +82,7 @@ def prompt_tune(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig, 
     elif initial_prompts.shape[0] != len(tasks):
         raise ValueError(f"{len(tasks)} tasks but {initial_prompts.shape[0]} initial prompts")
     params = SoftPrompts(initial_prompts).to(backbone.device)
-    result = train_prompts(backbone, tasks, params, config, description="PT")
+    result = train_prompts(backbone, tasks, params, config, description="PT", on_evaluate=on_evaluate)
     return PromptTuningResult(params.prompt_table.detach().cpu(), result)
 
 

@@ -101,9 +101,10 @@ class TaskTrainResult:
     steps: int  # steps this task trained
     stopped_early: bool
     error: str | None = None  # why training of this task stopped abnormally (e.g. a NaN loss)
-    history: list[dict[str, float | None]] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     """One entry per evaluation of this task: step, train_loss (its mean row loss at that step; None at step 0),
-    dev_loss (None unless TrainConfig.dev_loss), dev (score), norm (|its row of the trained table|, or None)."""
+    dev_loss (None unless TrainConfig.dev_loss), dev (score), norm (|its row of the trained table|, or None),
+    seconds (since training began)."""
 
 
 @dataclass
@@ -151,9 +152,12 @@ def check_trainable(tasks: Sequence[Task]) -> None:
 
 
 STOPPED_BY_REQUEST = "stopped by request"
-EvalHook = Callable[[int, dict[int, float]], Iterable[int]]
-"""Called after each dev evaluation with (step, {task index: dev score}); returns task indices to stop
-(e.g. tasks cancelled by their owner). Per-task mode only."""
+HistoryEntry = dict[str, float | None]
+"""One dev evaluation of one task: step, train_loss, dev_loss, dev (score), norm (|z| or |prompt|), seconds
+(since training began); optimisers may add their own fields (e.g. Gauss-Newton's damping)."""
+EvalHook = Callable[[int, dict[int, HistoryEntry]], Iterable[int]]
+"""Called after each dev evaluation with (step, {task index: its new history entry}); returns task indices to
+stop (e.g. tasks cancelled by their owner). Per-task mode only."""
 
 
 def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParameters,
@@ -193,10 +197,11 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
             state.history[i].append({
                 "step": step, "train_loss": task_loss.get(i) if step else None,
                 "dev_loss": dev_losses[j] if dev_losses is not None else None, "dev": scores[j],
-                "norm": float(table.detach()[i].norm()) if table is not None else None})
+                "norm": float(table.detach()[i].norm()) if table is not None else None,
+                "seconds": time.perf_counter() - start})
         state.update(params, idx, scores, step, config, dev_losses)
         if on_evaluate is not None:
-            for i in on_evaluate(step, dict(zip(idx, scores, strict=True))):
+            for i in on_evaluate(step, {i: state.history[i][-1] for i in idx}):
                 state.fail(i, STOPPED_BY_REQUEST)
 
     if config.eval_at_start:
@@ -245,7 +250,7 @@ class _SelectionState:
         self.best_score = [-math.inf] * num
         self.best_loss = [math.inf] * num  # dev loss at the best score (ties of the score go to a lower loss)
         self.stopped = [False] * num  # ran out of patience
-        self.history: list[list[dict[str, float | None]]] = [[] for _ in range(num)]
+        self.history: list[list[HistoryEntry]] = [[] for _ in range(num)]
         self.best_mean = -math.inf
         self.best_step = [0] * num
         self.trained_steps = [0] * num

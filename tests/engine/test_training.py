@@ -14,7 +14,7 @@ from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.prompt_tuning import ipt_initialised_prompt_tune, prompt_tune, sample_vocab_prompts
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import Task, TaskKind
-from ipt_engine.training import TrainConfig
+from ipt_engine.training import HistoryEntry, TrainConfig
 from tests.conftest import make_task, train_loss
 
 FAST = TrainConfig(learning_rate=0.05, max_steps=8, batch_size=4, eval_every=4, patience=3)
@@ -271,10 +271,10 @@ def test_bad_training_settings_are_rejected(tiny_causal: Backbone) -> None:
 
 def test_evaluation_hook_can_stop_a_task(tiny_causal: Backbone) -> None:
     sub = _subspace(tiny_causal)
-    seen: list[tuple[int, dict[int, float]]] = []
+    seen: list[tuple[int, dict[int, HistoryEntry]]] = []
 
-    def hook(step: int, scores: dict[int, float]) -> list[int]:
-        seen.append((step, scores))
+    def hook(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+        seen.append((step, entries))
         return [1] if step >= 2 else []
 
     config = TrainConfig(learning_rate=0.3, max_steps=6, batch_size=2, eval_every=2, patience=5)
@@ -283,3 +283,5 @@ def test_evaluation_hook_can_stop_a_task(tiny_causal: Backbone) -> None:
     assert a.error is None and a.steps == 6
     assert b.error == "stopped by request" and b.steps == 2
     assert [s for s, _ in seen] == [0, 2, 4, 6] and set(seen[-1][1]) == {0}
+    # each call carries the new history entry of every evaluated task
+    assert seen[1][1][1] == b.history[1] and seen[-1][1][0] == a.history[-1] and a.history[-1]["step"] == 6

@@ -1,0 +1,176 @@
+"""What the full-batch IST optimisers share: a task's train loss as a function of z, and dev selection.
+
+A task's train set is tiny (32 to 64 rows), so the full-batch optimisers (`ipt_engine.ist_gauss_newton`,
+`ipt_engine.ist_lbfgs`) use every row at every step: the loss is a deterministic function of z. Each task
+runs alone, so batching tasks cannot change what a task gets.
+
+`DevSelection` evaluates dev after each iteration, keeps the z with the lowest dev loss (a smooth quantity; dev
+accuracy on 8 to 24 examples ties too often to select on), records the per-iteration history (train loss,
+dev loss, dev score, |z|, wall time) and stops a task after `patience` iterations without a lower dev loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.evaluation import predict, score_predictions
+from ipt_engine.ist import ISTResult
+from ipt_engine.subspace import ProjB
+from ipt_engine.tasks import Task
+from ipt_engine.training import STOPPED_BY_REQUEST, EvalHook, HistoryEntry, mean_dev_losses
+
+
+class TrainObjective:
+    """One task's mean per-row train loss L(z) = mean_i loss_i(z) over all its train rows, with the prompt
+    Proj_b(z). Two losses (`option_loss`):
+
+    - tasks with answer options (classification, multiple choice), by default: the cross-entropy of the
+      right option among the row's options, each scored as the service ranks them (mean log-likelihood per
+      token). It is what accuracy measures: the token loss of a label word is mostly about how likely label
+      words are at all (5 to 12 nats per token on everyday tasks with SmolLM2), which moves no decision.
+    - otherwise (generation, or `option_loss=False`): the mean negative log-likelihood per target token."""
+
+    def __init__(self, backbone: Backbone, task: Task, proj_b: ProjB, max_rows_per_forward: int = 64,
+                 option_loss: bool = True) -> None:
+        self.backbone, self.proj_b, self.chunk = backbone, proj_b, max_rows_per_forward
+        self.pairs = [task.text_pair(e) for e in task.train]
+        self.options: list[list[str]] | None = None
+        self.gold: list[int] = []
+        if option_loss and task.kind.has_options:
+            options = [[o.strip() for o in task.options_for(e) or ()] for e in task.train]
+            if all(e.output.strip() in opts and len(opts) >= 2 for e, opts in zip(task.train, options, strict=True)):
+                self.options = [[" " + o for o in opts] for opts in options]
+                self.gold = [opts.index(e.output.strip()) for e, opts in zip(task.train, options, strict=True)]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def loss_name(self) -> str:
+        return "option cross-entropy" if self.options is not None else "token NLL"
+
+    def _row_losses(self, z_rows: Tensor, start: int) -> Tensor:
+        """Per-row losses [k] of rows start..start+k, row j with the prompt Proj_b(z_rows[j]) (z_rows [k, d_I])."""
+        chunk = self.pairs[start:start + z_rows.shape[0]]
+        prompts, sources = self.proj_b(z_rows), [p.source for p in chunk]
+        if self.options is None:
+            ll, count = self.backbone.target_log_likelihood(prompts, sources, [p.target for p in chunk])
+            return -(ll / count.clamp(min=1))
+        options = self.options[start:start + z_rows.shape[0]]
+        sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options)
+        scores = (sums / counts.clamp(min=1)).split([len(o) for o in options])
+        gold = self.gold[start:start + z_rows.shape[0]]
+        return torch.stack([-s.log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
+
+    @torch.no_grad()
+    def row_losses(self, z: Tensor, max_rows: int | None = None) -> Tensor:
+        """Per-row losses [N] at z [d_I] (no gradient), over the first `max_rows` rows when given."""
+        n = self.num_rows if max_rows is None else min(max_rows, self.num_rows)
+        z = z.detach().to(self.backbone.device)
+        return torch.cat([self._row_losses(z.expand(min(self.chunk, n - s), -1), s).float().cpu()
+                          for s in range(0, n, self.chunk)])
+
+    def row_losses_and_grads(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row losses [N] and per-row gradients d loss_i / dz [N, d_I] at z [d_I], from one forward and one
+        backward pass: each row gets its own copy of z, so the gradient of the summed loss with respect to the
+        copies holds every row's gradient."""
+        losses, grads = [], []
+        for s in range(0, self.num_rows, self.chunk):
+            k = min(self.chunk, self.num_rows - s)
+            copies = z.detach().to(self.backbone.device).expand(k, -1).clone().requires_grad_(True)
+            row_loss = self._row_losses(copies, s)
+            (grad,) = torch.autograd.grad(row_loss.sum(), copies)
+            losses.append(row_loss.detach().float().cpu())
+            grads.append(grad.detach().float().cpu())
+        return torch.cat(losses), torch.cat(grads)
+
+
+class DevSelection:
+    """Dev evaluation and best-z bookkeeping of one task in a full-batch IST run.
+
+    `observe` is called at the start (iteration 0) and after every iteration; it returns True when the task
+    should stop (out of patience, or stopped by `on_evaluate`, e.g. its owner cancelled it)."""
+
+    def __init__(self, backbone: Backbone, task: Task, proj_b: ProjB, *, patience: int, max_new_tokens: int,
+                 option_loss: bool = True, task_index: int = 0, on_evaluate: EvalHook | None = None) -> None:
+        self.backbone, self.task, self.proj_b, self.option_loss = backbone, task, proj_b, option_loss
+        self.patience, self.max_new_tokens = patience, max_new_tokens
+        self.task_index, self.on_evaluate = task_index, on_evaluate
+        self.began = time.perf_counter()
+        self.history: list[HistoryEntry] = []
+        self.best_z: Tensor | None = None
+        self.best_step, self.best_score, self.best_loss = 0, -math.inf, math.inf
+        self.error: str | None = None
+
+    @torch.no_grad()
+    def observe(self, step: int, z: Tensor, train_loss: float | None) -> bool:
+        prompt = self.proj_b(z.detach().to(self.backbone.device)[None])
+        score, dev_loss = dev_score_and_loss(self.backbone, self.task, prompt, self.option_loss,
+                                             self.max_new_tokens)
+        entry: HistoryEntry = {"step": step, "train_loss": train_loss, "dev_loss": dev_loss, "dev": score,
+                               "norm": float(z.detach().norm()), "seconds": time.perf_counter() - self.began}
+        self.history.append(entry)
+        if dev_loss < self.best_loss or self.best_z is None:
+            self.best_z, self.best_step = z.detach().float().cpu().clone(), step
+            self.best_score, self.best_loss = score, dev_loss
+        if self.on_evaluate is not None and self.task_index in set(self.on_evaluate(step, {self.task_index: entry})):
+            self.error = STOPPED_BY_REQUEST
+            return True
+        return step - self.best_step >= self.patience
+
+    def result(self, steps: int) -> ISTResult:
+        assert self.best_z is not None, "observe() the starting z first"
+        return ISTResult(self.task.name, self.best_z, self.best_score, steps, self.best_step,
+                         time.perf_counter() - self.began, self.error, self.history)
+
+
+@torch.no_grad()
+def dev_score_and_loss(backbone: Backbone, task: Task, prompt: Tensor, option_loss: bool = True,
+                       max_new_tokens: int = 32) -> tuple[float, float]:
+    """A task's dev score and dev loss with `prompt` [1, n, d]. The loss is the one
+    `TrainObjective` trains (the right option's cross-entropy, read off the scored options, for tasks with
+    options and `option_loss`; else the mean token NLL of the dev targets, one more forward pass)."""
+    (predictions,) = predict(backbone, [task], [task.dev], prompt, max_new_tokens=max_new_tokens)
+    score = score_predictions(task, task.dev, predictions)
+    if option_loss and task.kind.has_options:
+        gold = [p.options.index(e.output.strip()) if p.options and e.output.strip() in p.options else None
+                for e, p in zip(task.dev, predictions, strict=True)]
+        if all(g is not None for g in gold):
+            nll = [-math.log(max(p.probabilities[g], 1e-30)) for p, g in zip(predictions, gold, strict=True)]
+            return score, sum(nll) / len(nll)
+    return score, mean_dev_losses(backbone, [task], prompt)[0]
+
+
+def check_initial_z(initial_z: Tensor | None, num_tasks: int, d_intrinsic: int) -> Tensor:
+    """The starting z of each task, [num_tasks, d_I] (zeros when None)."""
+    if initial_z is None:
+        return torch.zeros(num_tasks, d_intrinsic)
+    if tuple(initial_z.shape) != (num_tasks, d_intrinsic):
+        raise ValueError(f"initial_z must be [{num_tasks}, {d_intrinsic}], got {tuple(initial_z.shape)}")
+    return initial_z.detach().float()
+
+
+def run_per_task(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB,
+                 tune_one: Callable[[int, Task], ISTResult]) -> list[ISTResult]:
+    """Run `tune_one(index, task)` for each task with Proj_b borrowed: frozen, in eval mode, on the backbone's
+    device, and put back as it was (device, mode, requires_grad flags) afterwards."""
+    home, was_training = next(proj_b.parameters()).device, proj_b.training
+    was_trainable = [p.requires_grad for p in proj_b.parameters()]
+    proj_b.to(backbone.device).eval().requires_grad_(False)
+    try:
+        return [tune_one(i, task) for i, task in enumerate(tasks)]
+    finally:
+        for p, flag in zip(proj_b.parameters(), was_trainable, strict=True):
+            p.requires_grad_(flag)
+        proj_b.to(home).train(was_training)
+
+
+def finite(values: Iterable[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
