@@ -19,15 +19,23 @@ class ExampleIn(Strict):
     options: list[str] | None = None
 
 
-class TrainingSettings(Strict):
-    """IST settings a caller may tune, within safe bounds."""
+Optimizer = Literal["gauss_newton", "lbfgs", "adamw"]
 
-    learning_rate: float = Field(1.0, gt=0, le=10)
-    max_steps: int = Field(200, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=64)
-    eval_every: int = Field(10, ge=1, le=1000)
-    patience: int = Field(5, ge=1, le=100)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+class TrainingSettings(Strict):
+    """IST settings a caller may tune, within safe bounds (see ipt_engine.ist_optimizers)."""
+
+    optimizer: Optimizer = Field("gauss_newton", description=(
+        "gauss_newton (default): damped Gauss-Newton steps on all train examples, dev after each iteration; "
+        "lbfgs: full-batch L-BFGS; adamw: the paper's mini-batch AdamW (slower, kept for comparison)"))
+    max_iterations: int = Field(12, ge=1, le=100, description="gauss_newton / lbfgs: passes over the train set")
+    patience: int = Field(4, ge=1, le=100, description=(
+        "iterations (gauss_newton, lbfgs) or dev evaluations (adamw) without a dev improvement before stopping"))
+    learning_rate: float = Field(1.0, gt=0, le=10, description="adamw only")
+    max_steps: int = Field(200, ge=1, le=1000, description="adamw only")
+    batch_size: int = Field(8, ge=1, le=64, description="adamw only: examples per step")
+    eval_every: int = Field(10, ge=1, le=1000, description="adamw only: steps between dev evaluations")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="adamw only: example sampling")
 
 
 class TaskCreate(Strict):
@@ -39,10 +47,23 @@ class TaskCreate(Strict):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
+class ProgressPoint(BaseModel):
+    """One dev evaluation while the task trains."""
+
+    step: int
+    train_loss: float | None
+    dev_loss: float | None
+    dev_score: float | None
+    z_norm: float | None
+    seconds: float | None = Field(None, description="since training of this task began")
+
+
 class Progress(BaseModel):
     step: int
     total: int
     dev_score: float | None
+    history: list[ProgressPoint] = Field(default_factory=list,
+                                         description="every dev evaluation so far (while queued or running)")
 
 
 class ErrorInfo(BaseModel):
@@ -59,6 +80,8 @@ class TaskOut(BaseModel):
     d_intrinsic: int
     progress: Progress
     dev_score: float | None
+    bare_dev_score: float | None = Field(None, description="the dev score of the bare model (no prompt)")
+    note: str | None = Field(None, description="set when the learned vector scores no better than the bare model")
     steps: int | None
     created_at: float
     started_at: float | None

@@ -36,8 +36,11 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 STATUS_COUNTS_KEY = "ipt:stats:tasks_by_status"
 """Hash: status -> number of stored tasks in it (plus `_counted`, set by the rebuild)."""
 
-DROPPED_ON_SUCCESS = ("progress_step", "progress_dev", "error", "claimed_by")
+DROPPED_ON_SUCCESS = ("progress_step", "progress_dev", "progress_history", "error", "claimed_by")
 """Hash fields only a queued or running task needs; a succeeded task drops them (~60 bytes per task)."""
+
+MAX_HISTORY = 100
+"""Dev evaluations a running task's progress keeps (the newest)."""
 
 VECTOR_DTYPES = {"float16": "<f2", "float32": "<f4"}
 """How z may be stored: float16 halves the largest part of a task's memory (see `encode_vector`)."""
@@ -120,6 +123,8 @@ class TaskRecord:
     progress_step: int = 0
     progress_total: int = 0
     progress_dev: float | None = None
+    progress_history: list[dict[str, float | None]] = field(default_factory=list)
+    bare_dev_score: float | None = None  # the bare model's dev score, measured when training starts
     error: dict[str, str] | None = None
     version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +146,8 @@ class TaskRecord:
             progress_step=int(d.get("progress_step") or d.get("steps") or 0),
             progress_total=int(d.get("progress_total", 0)),
             progress_dev=opt_float("progress_dev") if "progress_dev" in d else opt_float("dev_score"),
+            progress_history=json.loads(d["progress_history"]) if d.get("progress_history") else [],
+            bare_dev_score=opt_float("bare_dev_score"),
             error=json.loads(d["error"]) if d.get("error") else None, version=int(d.get("version", 0)),
         )
 
@@ -315,8 +322,22 @@ class TaskStore:
         value = self.r.hget(self._key(task_id), "claimed_by")
         return value.decode() if value else None
 
-    def set_progress(self, task_id: str, step: int, dev: float | None) -> None:
-        self._update_if(task_id, {TaskStatus.RUNNING}, {"progress_step": step, "progress_dev": dev})
+    def set_progress(self, task_id: str, step: int, dev: float | None,
+                     entry: dict[str, float | None] | None = None) -> None:
+        """A running task's latest step and dev score; `entry` (one dev evaluation: step, train_loss, dev_loss,
+        dev, norm, seconds) is appended to its history (the last MAX_HISTORY kept). The task's one worker is
+        its only writer, so reading and rewriting the history cannot lose another writer's entry."""
+        fields: dict[str, Any] = {"progress_step": step, "progress_dev": dev}
+        if entry is not None:
+            old = self.r.hget(self._key(task_id), "progress_history")
+            history = json.loads(old) if old else []
+            history.append({k: (round(float(v), 6) if v is not None else None) for k, v in entry.items()})
+            fields["progress_history"] = json.dumps(history[-MAX_HISTORY:])
+        self._update_if(task_id, {TaskStatus.RUNNING}, fields)
+
+    def set_bare_dev_score(self, task_id: str, score: float) -> None:
+        """The bare model's dev score of a running task (kept after it succeeds: one float)."""
+        self._update_if(task_id, {TaskStatus.RUNNING}, {"bare_dev_score": round(float(score), 6)})
 
     def mark_succeeded(self, task_id: str, z: np.ndarray, dev_score: float, steps: int) -> bool:
         """Store z [d_I] (as `vector_dtype`) and finish the task, unless it was cancelled or deleted meanwhile.

@@ -17,9 +17,10 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
 from ipt_engine.errors import IPTError
-from ipt_engine.ist import intrinsic_subspace_tune
+from ipt_engine.evaluation import evaluate
+from ipt_engine.ist_optimizers import ISTSettings, tune
 from ipt_engine.tasks import Task
-from ipt_engine.training import STOPPED_BY_REQUEST, TrainConfig
+from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import metrics
 from service.redis_connection import connect
 from service.task_store import TaskStatus, TaskStore
@@ -65,9 +66,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         log.info("task %s is being trained in job %s's batch; nothing to do", task_id, claimer)
         return {"task_id": task_id, "status": "skipped"}
     runtime = load_runtime(settings)
-    config = TrainConfig(learning_rate=training["learning_rate"], max_steps=training["max_steps"],
-                         batch_size=training["batch_size"], eval_every=training["eval_every"],
-                         patience=training["patience"], seed=training.get("seed", 0))
+    config = ist_settings(training)
     batch: list[tuple[str, Task]] = []
     for tid, payload in [(task_id, task), *_claim_peers(store, task_id, training, settings.worker_batch_tasks - 1)]:
         try:
@@ -76,25 +75,28 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
             store.mark_failed(tid, "invalid_task", str(exc))
     if not batch:
         return {"task_id": task_id, "status": "failed"}
-    batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.max_steps)]
+    batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.total_steps)]
     if not batch:  # cancelled meanwhile
         return {"task_id": task_id, "status": "skipped"}
     ids = [tid for tid, _ in batch]
-    log.info("IST of %d task(s) %s in one batched run, process %d", len(batch), ids, os.getpid())
+    log.info("IST (%s) of %d task(s) %s in one run, process %d", config.optimizer, len(batch), ids, os.getpid())
 
-    def on_evaluate(step: int, scores: dict[int, float]) -> list[int]:
+    def on_evaluate(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
         stop = []
-        for index, score in scores.items():
+        for index, entry in entries.items():
             current = store.get(ids[index])
             if current is None or current.status is not TaskStatus.RUNNING:
                 stop.append(index)  # cancelled or deleted: stop this task, the others go on
             else:
-                store.set_progress(ids[index], step, score)
+                store.set_progress(ids[index], step, entry.get("dev"), entry)
         return stop
 
     try:
-        results = intrinsic_subspace_tune(runtime.backbone, [t for _, t in batch], runtime.subspace.proj_b, config,
-                                          on_evaluate=on_evaluate)
+        tasks = [t for _, t in batch]
+        # what learning gains is shown against the bare model: its dev score, measured once per task
+        for tid, score in zip(ids, evaluate(runtime.backbone, tasks, None, "dev"), strict=True):
+            store.set_bare_dev_score(tid, score)
+        results = tune(runtime.backbone, tasks, runtime.subspace.proj_b, config, on_evaluate=on_evaluate)
     except IPTError as exc:
         for tid in ids:
             store.mark_failed(tid, type(exc).__name__, str(exc))
@@ -112,6 +114,13 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         if tid != task_id:
             delete_queued_job(store.r, tid)  # a claimed peer's own job (and its examples) is no longer needed
     return {"task_id": task_id, "status": outcome.get(task_id, "skipped"), "batch": outcome}
+
+
+def ist_settings(training: dict[str, Any]) -> ISTSettings:
+    """The engine's IST settings from a job's `training` dict (the API's TrainingSettings; a job enqueued
+    before an optimiser could be chosen has none and gets the default)."""
+    known = {f for f in ISTSettings.__dataclass_fields__ if f != "max_new_tokens"}
+    return ISTSettings(**{k: v for k, v in training.items() if k in known})
 
 
 def _is_running(job_id: str, store: TaskStore) -> bool:

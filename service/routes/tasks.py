@@ -32,6 +32,7 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
     Progress,
+    ProgressPoint,
     SimilarResponse,
     SimilarTask,
     TaskCreate,
@@ -52,11 +53,25 @@ ACTIVE_TASKS_RETRY_AFTER_S = 30
 
 
 def task_out(r: TaskRecord) -> TaskOut:
+    history = [ProgressPoint(step=int(h.get("step") or 0), train_loss=h.get("train_loss"), dev_loss=h.get("dev_loss"),
+                             dev_score=h.get("dev"), z_norm=h.get("norm"), seconds=h.get("seconds"))
+               for h in r.progress_history]
     return TaskOut(id=r.id, name=r.name, kind=r.kind, status=r.status.value, labels=r.labels,
                    d_intrinsic=r.d_intrinsic, progress=Progress(step=r.progress_step, total=r.progress_total,
-                                                                dev_score=r.progress_dev),
-                   dev_score=r.dev_score, steps=r.steps, created_at=r.created_at, started_at=r.started_at,
-                   finished_at=r.finished_at, error=ErrorInfo(**r.error) if r.error else None)
+                                                                dev_score=r.progress_dev, history=history),
+                   dev_score=r.dev_score, bare_dev_score=r.bare_dev_score, note=learning_note(r), steps=r.steps,
+                   created_at=r.created_at, started_at=r.started_at, finished_at=r.finished_at,
+                   error=ErrorInfo(**r.error) if r.error else None)
+
+
+def learning_note(r: TaskRecord) -> str | None:
+    """What a user must know when the learned vector does not beat the bare model on dev (None otherwise)."""
+    if r.dev_score is None or r.bare_dev_score is None or r.dev_score > r.bare_dev_score:
+        return None
+    relation = "below" if r.dev_score < r.bare_dev_score else "no better than"
+    return (f"the learned vector scores {r.dev_score:.3f} on dev, {relation} the bare model's {r.bare_dev_score:.3f}: "
+            "the task was not learned. Add examples (16 or more per label), check that the labels are consistent, "
+            "or try another optimizer")
 
 
 def _too_large(message: str) -> HTTPException:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 
 import httpx
+import numpy as np
 import pytest
 
+from service.redis_connection import connect
 from service.settings import Settings
+from service.task_store import TaskStore
 from tests.service.conftest import run_worker_burst
 
 WORDS = ["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad", "good", "dull", "superb", "weak"]
@@ -16,7 +19,7 @@ WORDS = ["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad", "good
 def task_body(name: str = "sentiment", n: int = 12, **extra: object) -> dict:
     train = [{"input": f"the movie was {WORDS[i % len(WORDS)]}", "output": ["positive", "negative"][i % 2]}
              for i in range(n)]
-    body = {"name": name, "train": train, "training": {"max_steps": 3, "eval_every": 1, "batch_size": 2}}
+    body = {"name": name, "train": train, "training": {"max_iterations": 3, "patience": 10}}
     body.update(extra)
     return body
 
@@ -39,6 +42,7 @@ def test_full_lifecycle(alice: httpx.Client, env_settings: Settings) -> None:
     done = alice.get(f"/tasks/{task['id']}").json()
     assert done["status"] == "succeeded", done
     assert done["d_intrinsic"] == 4 and done["dev_score"] is not None and done["progress"]["total"] == 3
+    assert 0 <= done["bare_dev_score"] <= 1 and (done["note"] is None) == (done["dev_score"] > done["bare_dev_score"])
 
     r = alice.post(f"/tasks/{task['id']}/predict", json={"inputs": ["the movie was great", "the movie was bad"]})
     assert r.status_code == 200, r.text
@@ -52,6 +56,26 @@ def test_full_lifecycle(alice: httpx.Client, env_settings: Settings) -> None:
     assert alice.delete(f"/tasks/{task['id']}").status_code == 204
     assert alice.get(f"/tasks/{task['id']}").status_code == 404
     assert alice.post(f"/tasks/{task['id']}/predict", json={"inputs": ["x"]}).status_code == 404
+
+
+def test_a_task_that_learned_nothing_says_so(alice: httpx.Client, env_settings: Settings) -> None:
+    """The view sets `note` when the learned vector's dev score is not above the bare model's, and shows the
+    history of dev evaluations while the task runs."""
+    store = TaskStore(connect(env_settings))
+    below, better = create(alice, name="below")["id"], create(alice, name="better")["id"]
+    for tid, dev in ((below, 0.25), (better, 0.75)):
+        assert store.mark_running(tid, 12)
+        store.set_bare_dev_score(tid, 0.5)
+        store.set_progress(tid, 1, dev, {"step": 1, "train_loss": 0.7, "dev_loss": 0.8, "dev": dev, "norm": 1.5,
+                                         "seconds": 2.0})
+    running = alice.get(f"/tasks/{below}").json()
+    assert running["progress"]["history"] == [{"step": 1, "train_loss": 0.7, "dev_loss": 0.8, "dev_score": 0.25,
+                                               "z_norm": 1.5, "seconds": 2.0}]
+    for tid, dev in ((below, 0.25), (better, 0.75)):
+        assert store.mark_succeeded(tid, np.zeros(4), dev, 1)
+    low, high = alice.get(f"/tasks/{below}").json(), alice.get(f"/tasks/{better}").json()
+    assert low["bare_dev_score"] == 0.5 and "0.250 on dev, below the bare model's 0.500" in low["note"]
+    assert high["bare_dev_score"] == 0.5 and high["note"] is None
 
 
 def test_tenants_see_only_their_own_tasks(alice: httpx.Client, bob: httpx.Client, server: str) -> None:
@@ -157,7 +181,7 @@ def test_health_and_metrics(server: str) -> None:
 def test_multiple_choice_predictions_need_options(alice: httpx.Client, env_settings: Settings) -> None:
     train = [{"input": f"pick the colour {i}", "output": "red", "options": ["red", "blue", "green"]} for i in range(6)]
     r = alice.post("/tasks", json={"name": "mc", "kind": "multiple_choice", "train": train,
-                                   "training": {"max_steps": 2, "eval_every": 1, "batch_size": 2}})
+                                   "training": {"max_iterations": 2}})
     assert r.status_code == 202, r.text
     tid = r.json()["id"]
     run_worker_burst(env_settings)
@@ -187,8 +211,9 @@ def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings
     ids = [create(alice, name=f"batched_{i}")["id"] for i in range(3)]
     with caplog.at_level(logging.INFO, logger="workers.jobs"):
         run_worker_burst(env_settings)
-    runs = [r.getMessage() for r in caplog.records if r.name == "workers.jobs" and "batched run" in r.getMessage()]
-    assert len(runs) == 1 and runs[0].startswith("IST of 3 task(s)") and all(t in runs[0] for t in ids), runs
+    runs = [m for r in caplog.records if r.name == "workers.jobs" and "in one run" in (m := r.getMessage())]
+    assert len(runs) == 1 and runs[0].startswith("IST (gauss_newton) of 3 task(s)"), runs
+    assert all(t in runs[0] for t in ids), runs
     for tid in ids:
         assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
 

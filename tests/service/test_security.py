@@ -223,7 +223,7 @@ def test_api_keys_and_examples_never_reach_the_logs(env_settings: Settings, tmp_
     with (_logged_processes(queue_name, key, tmp_path) as base,
           httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c):
         r = c.post("/tasks", json={"name": "logged", "train": train,
-                                   "training": {"max_steps": 3, "eval_every": 1, "batch_size": 2}})
+                                   "training": {"max_iterations": 2}})
         assert r.status_code == 202, r.text
         tid = r.json()["id"]
         _wait(lambda: c.get(f"/tasks/{tid}").json()["status"] == "succeeded", 180, "the worker to train the task")
@@ -239,7 +239,8 @@ def test_api_keys_and_examples_never_reach_the_logs(env_settings: Settings, tmp_
         failing, _ = store.create("logged", "failing", "classification", None, 4, "artifact")
         Queue(queue_name, connection=store.r).enqueue(
             "workers.jobs.train_task", failing.id, {"name": "failing", "kind": "classification", "train": train},
-            {}, job_id=failing.id, result_ttl=0, failure_ttl=60, on_failure=Callback("workers.jobs.on_job_failure"))
+            {"optimizer": "sgd"}, job_id=failing.id, result_ttl=0, failure_ttl=60,  # an unknown optimiser: it raises
+            on_failure=Callback("workers.jobs.on_job_failure"))
         _wait(lambda: store.get(failing.id).status.value == "failed", 120, "the failing job to fail")
 
     logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in ("api", "worker")}
@@ -323,7 +324,7 @@ def test_failed_job_log_records_carry_no_examples(alice: httpx.Client, env_setti
     connection = connect(env_settings)
     job = Job.fetch(tid, connection=connection)
     assert any(marker in json.dumps(a) for a in job.args)  # the examples travel in the job ...
-    job.args = (job.args[0], job.args[1], {})  # ... which now fails (no training settings) on every attempt
+    job.args = (job.args[0], job.args[1], {"optimizer": "sgd"})  # ... which now fails on every attempt
     job.save()
     # a job whose exception repeats its argument (a job's description is logged on every start: the service
     # always sets one that names the task only, as here)

@@ -87,8 +87,13 @@ def test_a_succeeded_task_keeps_only_what_its_view_needs(r: redis.Redis) -> None
     store = TaskStore(r)
     task_id = new_task(store)
     assert store.claim(task_id, "job-1") and store.mark_running(task_id, 30)
-    store.set_progress(task_id, 10, 0.5)
-    assert store.get(task_id).progress_step == 10
+    store.set_bare_dev_score(task_id, 0.4)
+    store.set_progress(task_id, 0, 0.4, {"step": 0, "train_loss": None, "dev_loss": 1.2345678, "dev": 0.4})
+    store.set_progress(task_id, 10, 0.5, {"step": 10, "train_loss": 0.9, "dev_loss": 1.0, "dev": 0.5})
+    running = store.get(task_id)
+    assert running.progress_step == 10 and running.bare_dev_score == 0.4
+    assert running.progress_history == [{"step": 0, "train_loss": None, "dev_loss": 1.234568, "dev": 0.4},
+                                        {"step": 10, "train_loss": 0.9, "dev_loss": 1.0, "dev": 0.5}]
     store.mark_succeeded(task_id, np.zeros(D_I), 0.987654321, 20)
     fields = {k.decode() for k in r.hkeys(f"ipt:task:{task_id}")}
     assert not fields & set(DROPPED_ON_SUCCESS), fields
@@ -96,6 +101,7 @@ def test_a_succeeded_task_keeps_only_what_its_view_needs(r: redis.Redis) -> None
     assert record.status is TaskStatus.SUCCEEDED and record.error is None
     # the API's progress of a finished task: its last step, its best dev score
     assert (record.progress_step, record.progress_total, record.progress_dev) == (20, 30, 0.987654)
+    assert record.progress_history == [] and record.bare_dev_score == 0.4  # the comparison stays (one float)
     assert record.finished_at == round(record.finished_at, 3)
 
 

@@ -25,7 +25,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
 
 
 def test_killed_worker_job_is_retried_and_succeeds(alice: httpx.Client, env_settings: Settings) -> None:
-    body = task_body(name="survivor", training={"max_steps": 400, "eval_every": 1, "batch_size": 2, "patience": 100})
+    body = task_body(name="survivor", training={"optimizer": "adamw", "max_steps": 400, "eval_every": 1,
+                                                "batch_size": 2, "patience": 100})
     tid = alice.post("/tasks", json=body).json()["id"]
     worker = start_worker_process()
     try:
@@ -50,7 +51,8 @@ def test_killed_worker_job_is_retried_and_succeeds(alice: httpx.Client, env_sett
 
 def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: Settings) -> None:
     """Warm shutdown: SIGTERM during a job; the job completes, then the worker exits cleanly."""
-    body = task_body(name="warm", training={"max_steps": 60, "eval_every": 1, "batch_size": 2, "patience": 100})
+    body = task_body(name="warm", training={"optimizer": "adamw", "max_steps": 60, "eval_every": 1, "batch_size": 2,
+                                            "patience": 100})
     tid = alice.post("/tasks", json=body).json()["id"]
     worker = start_worker_process()
     try:
