@@ -71,11 +71,24 @@ def import_peft() -> Any:
     return peft
 
 
+def ist_description(settings: Any) -> str:
+    """How IST was run, in words (settings: ipt_engine.ist_optimizers.ISTSettings)."""
+    if settings.optimizer == "adamw":
+        return (f"AdamW lr {settings.learning_rate}, up to {settings.max_steps} steps of {settings.batch_size} rows, "
+                f"patience {settings.patience} evaluations")
+    return (f"{settings.optimizer} on the full train set, up to {settings.max_iterations} iterations, patience "
+            f"{settings.patience}, dev after every iteration")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, random_subspace=False)
+    parser.add_argument("--ist-optimizer", default="gauss_newton", choices=["gauss_newton", "lbfgs", "adamw"],
+                        help="IST optimiser (default gauss_newton, the service's)")
+    parser.add_argument("--ist-iterations", type=int, default=None,
+                        help="IST iterations of a full-batch optimiser (default 12, the service's; --quick 2)")
     parser.add_argument("--ist-steps", type=int, default=None,
-                        help="IST max steps (default 200, the service's; --quick 4)")
+                        help="IST AdamW max steps (default 200, the service's; --quick 4)")
     parser.add_argument("--pt-steps", type=int, default=None, help="PEFT PT max steps (default 200, as IST; --quick 6)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="training rows per step, both methods")
@@ -96,9 +109,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.ist_steps = args.ist_steps or (4 if quick else 200)  # the service's default max_steps
+    args.ist_iterations = args.ist_iterations or (2 if quick else 12)  # the service's default max_iterations
     args.pt_steps = args.pt_steps or (6 if quick else 200)
     args.eval_every = args.eval_every or (2 if quick else 5)
-    args.patience = args.patience or (5 if quick else max(1, 50 // args.eval_every))  # service: 5 evals x 10 steps
+    if args.patience is None:  # AdamW: as many steps as the service's default allows (5 evals x 10 steps)
+        args.patience = 4 if args.ist_optimizer != "adamw" else (5 if quick else max(1, 50 // args.eval_every))
     args.infer_tasks = args.infer_tasks or (4 if quick else 16)
     return args
 
@@ -169,10 +184,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
     from ipt_engine.backbone import Backbone
     from ipt_engine.evaluation import evaluate
-    from ipt_engine.ist import intrinsic_subspace_tune
+    from ipt_engine.ist_optimizers import ISTSettings, tune
     from ipt_engine.subspace_artifact import load_artifact
     from ipt_engine.tasks import Example, TaskHead, TaskKind
-    from ipt_engine.training import TrainConfig
+    from ipt_engine.training import HistoryEntry
     from service.predictor import Item, MicroBatcher
     from service.settings import Settings
     from service.task_store import TaskStore, encode_vector
@@ -191,18 +206,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
         n_tokens = args.pt_tokens or config.n_prompt
         task = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16)
         labels = list(task.labels or ())
-        train_config = TrainConfig(learning_rate=args.ist_lr, max_steps=args.ist_steps, batch_size=args.batch_size,
-                                   eval_every=args.eval_every, patience=args.patience, seed=args.seed)
+        ist_settings = ISTSettings(optimizer=args.ist_optimizer, max_iterations=args.ist_iterations,
+                                   patience=args.patience, learning_rate=args.ist_lr, max_steps=args.ist_steps,
+                                   batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
 
         # ---- ours: IST in the subspace
         points: list[tuple[float, int, float]] = []
         start = time.perf_counter()
 
-        def on_evaluate(step: int, scores: dict[int, float]) -> list[int]:
-            points.append((time.perf_counter() - start, step, scores[0]))
+        def on_evaluate(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+            points.append((time.perf_counter() - start, step, float(entries[0]["dev"] or 0.0)))
             return []
 
-        (ist,) = intrinsic_subspace_tune(bb, [task], subspace.proj_b, train_config, on_evaluate=on_evaluate)
+        (ist,) = tune(bb, [task], subspace.proj_b, ist_settings, on_evaluate=on_evaluate)
         ist_trace = Trace(points, time.perf_counter() - start)
         target = args.target_dev if args.target_dev is not None else ist_trace.best
 
@@ -262,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         store = TaskStore(redis_lib.Redis.from_url(url), vector_dtype=store_dtype)
         artifact_id = f"{artifact.metadata.backbone_id}/dI{config.d_intrinsic}/{artifact.metadata.created_at}"
         record, _ = store.create("public", task.name, task.kind.value, labels, config.d_intrinsic, artifact_id)
-        store.mark_running(record.id, args.ist_steps)
+        store.mark_running(record.id, ist_settings.total_steps)
         store.set_progress(record.id, ist.steps, ist.dev_score)
         store.mark_succeeded(record.id, ist.z.numpy(), ist.dev_score, ist.steps)
         key = f"ipt:task:{record.id}"
@@ -316,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"subspace: {setup.subspace_note}; {subspace_shape(Runtime(bb, subspace, '', 0.0))}",
                 f"task: {task.name} ({len(labels)} labels), {len(task.train)} train / {len(task.dev)} dev examples; "
                 f"{args.batch_size} rows per step, dev evaluated every {args.eval_every} steps by the same evaluator",
-                f"IST: lr {args.ist_lr}, up to {args.ist_steps} steps, patience {args.patience}, z from 0; PEFT: "
+                f"IST: {ist_description(ist_settings)}, z from 0; PEFT: "
                 f"{n_tokens} virtual tokens, SAMPLE_VOCAB init, AdamW lr {args.pt_lr}, up to {args.pt_steps} steps, "
                 f"stopped at the target",
                 f"target dev accuracy: {target:.3f} ({'given' if args.target_dev is not None else 'IST best'})",
