@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.core_sharing import BusyMarker
 from service.errors import register_error_handlers
 from service.load_shedding import Inflight, InflightLimit
 from service.predictor import MicroBatcher, PromptCache
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app = FastAPI(title="IPT service", version="0.1.0", lifespan=lifespan,
                   description="Learn a task from a few examples as a tiny vector; predict with one frozen LM.")
     app.state.settings = settings
+    app.state.busy_marker = BusyMarker(settings.api_busy_hold_s)
     app.state.runtime = None
     app.state.inflight = Inflight(settings.max_inflight_requests)
     app.include_router(health.router)

@@ -46,10 +46,12 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, subspace: Subspace = None
     connection = connect(settings)  # starts the embedded Redis and points settings.redis_url at it
     env = {**os.environ, "IPT_REDIS_URL": str(settings.redis_url), "IPT_SUBSPACE": str(settings.subspace)}
     if settings.torch_threads is None:
-        # API and worker in one machine: each takes every core by default, and the two thrash when both work
-        # (IST ran ~4x slower while the API predicted); give each its share instead
+        # API and worker in one machine: both taking every core thrash when both work (IST ran ~4x slower while
+        # the API predicted). The worker takes every core while the API is idle and half while it predicts
+        # (service/core_sharing.py); the API keeps the other half.
         cores = os.cpu_count() or 2
-        env["IPT_TORCH_THREADS"] = str(max(1, cores // 2))
+        env["IPT_TORCH_THREADS"] = str(cores)
+        env["IPT_WORKER_THREADS_WHEN_API_BUSY"] = str(max(1, cores // 2))
         settings.torch_threads = max(1, cores - cores // 2)
     worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env)
     console.print(f"worker pid {worker.pid}; Redis at {settings.redis_url}; API on http://{host}:{port} "

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     dtype: str = "float32"
     torch_threads: int | None = Field(None, ge=1, description="CPU threads torch uses in this process (None: torch's "
                                       "default, every core); `ipt serve` splits the cores between API and worker")
+    worker_threads_when_api_busy: int | None = Field(
+        None, ge=1, description="a worker's torch threads while the API on its machine serves predictions (None: "
+                                "no sharing); `ipt serve` sets it to half the cores and gives the worker every core "
+                                "otherwise (service/core_sharing.py)")
+    api_busy_hold_s: float = Field(5.0, gt=0, description="the API counts as busy this long after a predict")
     subspace: Path | None = Field(default_factory=_default_subspace,
                                   description="subspace artifact directory (Proj_b); default: the shipped one")
 

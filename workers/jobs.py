@@ -22,6 +22,7 @@ from ipt_engine.ist_optimizers import ISTSettings, tune
 from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import metrics
+from service.core_sharing import share_cores
 from service.redis_connection import connect
 from service.task_store import TaskStatus, TaskStore
 from workers.runtime import load_runtime, process_settings
@@ -82,6 +83,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
     log.info("IST (%s) of %d task(s) %s in one run, process %d", config.optimizer, len(batch), ids, os.getpid())
 
     def on_evaluate(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+        share_cores(store.r, settings)
         stop = []
         for index, entry in entries.items():
             current = store.get(ids[index])
@@ -91,6 +93,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
                 store.set_progress(ids[index], step, entry.get("dev"), entry)
         return stop
 
+    share_cores(store.r, settings)
     try:
         tasks = [t for _, t in batch]
         # what learning gains is shown against the bare model: its dev score, measured once per task

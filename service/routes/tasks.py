@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
+import redis
 import torch
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
@@ -43,6 +45,7 @@ from service.settings import Settings
 from service.task_store import TaskRecord, TaskStatus
 from workers.jobs import delete_queued_job
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 MAX_OFFSET = 2**31 - 1
@@ -181,11 +184,15 @@ def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Re
 
 @router.post("/{task_id}/predict", response_model=PredictResponse,
              responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503), dependencies=[Depends(limit_predicts)])
-async def predict_task(body: PredictRequest, store: StoreDep, tenant: TenantDep,
+async def predict_task(body: PredictRequest, request: Request, store: StoreDep, tenant: TenantDep,
                        settings: SettingsDep, runtime: RuntimeDep, batcher: BatcherDep,
                        cache: CacheDep, task_id: str = TaskId) -> PredictResponse:
     """Answer each input; option tasks also give the probability of each option. 409 until trained."""
     record = await run_in_threadpool(_owned, store, tenant, task_id)
+    try:  # a worker on this machine steps down to its share of the cores (service/core_sharing.py)
+        request.app.state.busy_marker.mark(store.r)
+    except redis.RedisError:
+        log.debug("could not mark the API busy", exc_info=True)
     if record.status is not TaskStatus.SUCCEEDED:
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is {record.status.value}, not trained yet")
     if len(body.inputs) > settings.max_inputs_per_predict:
