@@ -1,7 +1,8 @@
 """`ipt experiment ablate`: the levers the paper points at, tried on a finished run's unseen tasks.
 
 Each lever changes one thing against the run's own IST of the unseen tasks at one d_I (the reference row):
-the IST step size, where z starts, or how the subspace was found (MSF without Proj, another alpha). Results
+the IST step size or optimiser (Gauss-Newton, L-BFGS; AdamW at Gauss-Newton's wall time), where z starts, or how
+the subspace was found (MSF without Proj, another alpha). Results
 are cached as ablations/<lever>.json in the run directory (MSF variants also keep their artifact under
 ablations/msf-<lever>/), so a rerun only computes what is missing; `ipt experiment report` lists them.
 """
@@ -21,12 +22,13 @@ from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.ist import ZInit, intrinsic_subspace_tune
-from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
+from ipt_engine.ist_optimizers import ISTSettings, tune
 from ipt_engine.metrics import e_abs, e_rel
 from ipt_engine.msf import find_subspace
 from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.subspace_artifact import load_artifact, save_artifact
+from ipt_engine.training import EvalHook, HistoryEntry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,9 @@ class Lever:
     ist: dict[str, Any] = field(default_factory=dict)  # StageSettings overrides for IST
     init: ZInit = ZInit.ZEROS
     msf: dict[str, Any] = field(default_factory=dict)  # MSF variant: with_proj, alpha
-    optimizer: str = "adamw"  # "adamw": the run's IST loop; "lbfgs": full-batch L-BFGS (ipt_engine.ist_lbfgs)
+    optimizer: str = "adamw"  # "adamw": the run's IST loop; "lbfgs" or "gauss_newton": the full-batch optimisers
+    # with the service's defaults (ipt_engine.ist_optimizers)
+    time_of: str | None = None  # AdamW only: stop each task at the wall time this other lever took on it
 
 
 LEVERS: tuple[Lever, ...] = (
@@ -54,8 +58,12 @@ LEVERS: tuple[Lever, ...] = (
     Lever("msf-without-proj", "MSF without Proj: free z_i per train task learnt with Proj_b (LM loss only)",
           msf={"with_proj": False}),
     Lever("msf-alpha-20", "MSF with alpha = 20 instead of 200 (less weight on reconstruction)", msf={"alpha": 20.0}),
-    Lever("ist-lbfgs", "IST with full-batch L-BFGS (strong Wolfe, up to 15 iterations, patience 5) instead of AdamW",
+    Lever("ist-lbfgs", "IST with full-batch L-BFGS (strong Wolfe, up to 12 iterations, patience 4) instead of AdamW",
           optimizer="lbfgs"),
+    Lever("ist-gauss-newton", "IST with the service's default: damped Gauss-Newton on the full train set, option "
+          "loss, up to 12 iterations, patience 4, the lowest dev loss kept", optimizer="gauss_newton"),
+    Lever("ist-adamw-equal-time", "the run's AdamW IST, each task stopped at the wall time ist-gauss-newton took "
+          "on it", time_of="ist-gauss-newton"),
 )
 
 
@@ -110,8 +118,14 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
         known = stack_for(run.train_names, vectors, "task vectors")
     tasks = run.tasks(run.test_names, cfg.data_seed)
     settings = _ist_settings(cfg, lever.ist)
-    if lever.optimizer == "lbfgs":
-        results = lbfgs_subspace_tune(run.backbone, tasks, proj_b, LBFGSConfig(max_new_tokens=cfg.max_new_tokens))
+    if lever.optimizer != "adamw":
+        full_batch = ISTSettings(optimizer=lever.optimizer, max_new_tokens=cfg.max_new_tokens)
+        results = tune(run.backbone, tasks, proj_b, full_batch)
+    elif lever.time_of is not None:
+        budget = run_lever(run, summary, next(v for v in LEVERS if v.name == lever.time_of), d)["per_task"]
+        train = settings.train_config(cfg.data_seed, cfg.max_new_tokens)
+        results = [intrinsic_subspace_tune(run.backbone, [t], proj_b, train, init=lever.init, known_vectors=known,
+                                           on_evaluate=stop_after(budget[t.name]["seconds"]))[0] for t in tasks]
     else:
         results = intrinsic_subspace_tune(run.backbone, tasks, proj_b,
                                           settings.train_config(cfg.data_seed, cfg.max_new_tokens),
@@ -119,7 +133,8 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
     with torch.no_grad():
         test = run.test_scores(tasks, proj_b(torch.stack([r.z for r in results])))
     per_task = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
-                         "history": r.history} for r, s in zip(results, test, strict=True)}
+                         "seconds": round(r.wall_seconds, 2), "error": r.error, "history": r.history}
+                for r, s in zip(results, test, strict=True)}
     out = {"lever": lever.name, "description": lever.description, "d_intrinsic": d, "per_task": per_task,
            "ist": settings.__dict__, "init": str(lever.init), "msf": lever.msf,
            "optimizer": lever.optimizer,
@@ -127,6 +142,17 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def stop_after(seconds: float) -> EvalHook:
+    """An evaluation hook that stops every task at its first evaluation `seconds` or more after the hook was made
+    (the task keeps its best dev z so far)."""
+    began = time.perf_counter()
+
+    def hook(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+        return list(entries) if time.perf_counter() - began >= seconds else []
+
+    return hook
 
 
 def lever_scores(summary: dict[str, Any], per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:

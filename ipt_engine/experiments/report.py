@@ -449,18 +449,21 @@ def _levers_section(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     lines = [f"## Levers tried on the unseen tasks at d_I = {d}", "",
              "Each row changes one thing against the run's own IST (first row) and re-learns the unseen tasks; "
              "computed by `ipt experiment ablate`.", "",
-             "| lever | what changes | E_rel^PT % | E_abs % | seconds |", "|---|---|---|---|---|"]
+             "| lever | what changes | E_rel^PT % | E_abs % | best step (median; max) | seconds |",
+             "|---|---|---|---|---|---|"]
     ref = find_row(headline_rows(summary), "unseen_tasks", d)
     if ref:
         lines.append(f"| (run) | IST as configured: lr {summary['config']['ist']['learning_rate']}, z from 0 | "
-                     f"{ref['e_rel'].percent()} | {ref['e_abs'].percent()} | |")
+                     f"{ref['e_rel'].percent()} | {ref['e_abs'].percent()} | | |")
     pt, _ = _reference(summary, "unseen_tasks")
     for r in sorted(results, key=lambda r: r["lever"]):
         scores = {n: v["test"] for n, v in r["per_task"].items()}
         abs_names, rel_names, _ = counted_tasks(summary, "unseen_tasks", scores)
         rel = e_rel_estimate({n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names})
+        best = sorted(v["best_step"] for v in r["per_task"].values())
+        steps = f"{best[(len(best) - 1) // 2]}; {best[-1]}" if best else ""
         lines.append(f"| {r['lever']} | {r['description']} | {rel.percent()} | "
-                     f"{e_abs_estimate({n: scores[n] for n in abs_names}).percent()} | {r['seconds']} |")
+                     f"{e_abs_estimate({n: scores[n] for n in abs_names}).percent()} | {steps} | {r['seconds']} |")
     return [*lines, ""]
 
 

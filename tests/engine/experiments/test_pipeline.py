@@ -28,6 +28,7 @@ from ipt_engine.metrics import MetricName
 from ipt_engine.named_tensors import load_chunks
 from ipt_engine.subspace_artifact import load_artifact
 from ipt_engine.tasks import Example, Task, TaskKind
+from ipt_engine.training import STOPPED_BY_REQUEST
 from tests.conftest import make_task
 from tests.engine.data.fixtures import write_fake_sdist
 
@@ -131,9 +132,17 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     card = (out / "MODEL_CARD.md").read_text()
     assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
 
-    levers = run_levers(run_dir, only=["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs"])
-    assert [r["lever"] for r in levers] == ["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs"]
+    names = ["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs", "ist-adamw-equal-time"]
+    levers = run_levers(run_dir, only=names)
+    assert [r["lever"] for r in levers] == names
     assert levers[3]["optimizer"] == "lbfgs" and all(r["history"] for r in levers[3]["per_task"].values())
+    # AdamW at Gauss-Newton's wall time: the Gauss-Newton lever ran first (cached), and each AdamW task stopped at
+    # its first evaluation past that task's Gauss-Newton seconds
+    newton = json.loads((run_dir / "ablations" / "ist-gauss-newton.json").read_text())
+    assert newton["optimizer"] == "gauss_newton"
+    for name, v in levers[4]["per_task"].items():
+        budget = newton["per_task"][name]["seconds"]
+        assert v["seconds"] >= budget - 0.01 if v["error"] == STOPPED_BY_REQUEST else v["error"] is None
     for r in levers:
         assert set(r["per_task"]) == set(summary["test_tasks"])
         assert (run_dir / "ablations" / f"{r['lever']}.json").is_file()
