@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ipt_engine.ist_optimizers import ISTSettings
+
 Kind = Literal["classification", "multiple_choice", "generation"]
 
 
@@ -20,22 +22,24 @@ class ExampleIn(Strict):
 
 
 Optimizer = Literal["gauss_newton", "lbfgs", "adamw"]
+_IST = ISTSettings()  # the engine's defaults are the API's
 
 
 class TrainingSettings(Strict):
     """IST settings a caller may tune, within safe bounds (see ipt_engine.ist_optimizers)."""
 
-    optimizer: Optimizer = Field("gauss_newton", description=(
+    optimizer: Optimizer = Field(_IST.optimizer.value, description=(
         "gauss_newton (default): damped Gauss-Newton steps on all train examples, dev after each iteration; "
         "lbfgs: full-batch L-BFGS; adamw: the paper's mini-batch AdamW (slower, kept for comparison)"))
-    max_iterations: int = Field(12, ge=1, le=100, description="gauss_newton / lbfgs: passes over the train set")
-    patience: int = Field(4, ge=1, le=100, description=(
+    max_iterations: int = Field(_IST.max_iterations, ge=1, le=100,
+                                description="gauss_newton / lbfgs: passes over the train set")
+    patience: int = Field(_IST.patience, ge=1, le=100, description=(
         "iterations (gauss_newton, lbfgs) or dev evaluations (adamw) without a dev improvement before stopping"))
-    learning_rate: float = Field(1.0, gt=0, le=10, description="adamw only")
-    max_steps: int = Field(200, ge=1, le=1000, description="adamw only")
-    batch_size: int = Field(8, ge=1, le=64, description="adamw only: examples per step")
-    eval_every: int = Field(10, ge=1, le=1000, description="adamw only: steps between dev evaluations")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="adamw only: example sampling")
+    learning_rate: float = Field(_IST.learning_rate, gt=0, le=10, description="adamw only")
+    max_steps: int = Field(_IST.max_steps, ge=1, le=1000, description="adamw only")
+    batch_size: int = Field(_IST.batch_size, ge=1, le=64, description="adamw only: examples per step")
+    eval_every: int = Field(_IST.eval_every, ge=1, le=1000, description="adamw only: steps between dev evaluations")
+    seed: int = Field(_IST.seed, ge=0, le=2**31 - 1, description="adamw only: example sampling")
 
 
 class TaskCreate(Strict):

@@ -8,10 +8,13 @@ import httpx
 import numpy as np
 import pytest
 
+from ipt_engine.ist_optimizers import ISTSettings
 from service.redis_connection import connect
+from service.schemas import TrainingSettings
 from service.settings import Settings
 from service.task_store import TaskStore
 from tests.service.conftest import run_worker_burst
+from workers.jobs import ist_settings
 
 WORDS = ["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad", "good", "dull", "superb", "weak"]
 
@@ -226,3 +229,12 @@ def test_same_task_name_from_two_tenants_trains_in_one_batch(alice: httpx.Client
     run_worker_burst(env_settings)
     assert alice.get(f"/tasks/{a}").json()["status"] == "succeeded"
     assert bob.get(f"/tasks/{b}").json()["status"] == "succeeded"
+
+
+def test_every_training_field_reaches_the_engine() -> None:
+    """The API's training object and the engine's IST settings agree: no field the API takes is dropped by the
+    worker, and the API's defaults are the engine's."""
+    assert set(TrainingSettings.model_fields) <= set(ISTSettings.__dataclass_fields__)
+    body = TrainingSettings(optimizer="adamw", max_steps=7, patience=2, learning_rate=0.5, seed=3).model_dump()
+    assert ist_settings(body) == ISTSettings(optimizer="adamw", max_steps=7, patience=2, learning_rate=0.5, seed=3)
+    assert ist_settings(TrainingSettings().model_dump()) == ISTSettings()
