@@ -19,11 +19,12 @@ from ipt_engine.cli_data import data_app
 from ipt_engine.cli_experiment import experiment_app
 from ipt_engine.errors import IPTError
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ZInit, intrinsic_subspace_tune
+from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, start_candidates, tune
 from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
 from ipt_engine.prompt_tuning import prompt_tune
 from ipt_engine.subspace import SubspaceConfig
-from ipt_engine.subspace_artifact import load_artifact, save_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, save_artifact
 from ipt_engine.tasks import Task, load_tasks
 from ipt_engine.training import TrainConfig, TrainResult
 
@@ -42,7 +43,6 @@ Batch = Annotated[int, typer.Option(help="training rows per task per step")]
 EvalEvery = Annotated[int, typer.Option(help="steps between dev evaluations")]
 Patience = Annotated[int, typer.Option(help="evaluations without dev improvement before stopping")]
 Seed = Annotated[int, typer.Option(help="random seed")]
-VECTORS_FILE = "task_vectors.safetensors"
 PROMPTS_FILE = "prompts.safetensors"
 
 
@@ -138,7 +138,12 @@ def msf(tasks: TasksArg, out: Annotated[Path, typer.Option(help="artifact direct
 @app.command()
 def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace artifact directory")],
         out: Annotated[Path, typer.Option(help="output directory")],
-        init: Annotated[ZInit, typer.Option(help="z initialisation")] = ZInit.ZEROS,
+        optimizer: Annotated[ISTOptimizer, typer.Option(help="gauss_newton (full batch; starts from the best of z = 0 "
+                                                        "and the subspace's task vectors when it has them), lbfgs, "
+                                                        "or adamw (--init, --lr, --max-steps, ...)")]
+        = ISTOptimizer.GAUSS_NEWTON,
+        max_iterations: Annotated[int, typer.Option(help="gauss_newton / lbfgs iterations")] = 12,
+        init: Annotated[ZInit, typer.Option(help="adamw: z initialisation")] = ZInit.ZEROS,
         lr: Annotated[float, typer.Option(help="AdamW learning rate")] = DEFAULT_IST_LEARNING_RATE,
         max_steps: Steps = 500, batch_size: Batch = 8, eval_every: EvalEvery = 25, patience: Patience = 5,
         backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = 0) -> None:
@@ -147,12 +152,19 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
     bb = _backbone(backbone, device, dtype)
     art = load_artifact(subspace, backbone_id=bb.backbone_id, embeddings=bb.input_embeddings)
     known = None
-    if init in (ZInit.MEAN, ZInit.NEAREST):
+    if (subspace / VECTORS_FILE).is_file() and (optimizer is ISTOptimizer.GAUSS_NEWTON
+                                                  or init in (ZInit.MEAN, ZInit.NEAREST)):
         vectors = load_named(subspace / VECTORS_FILE)
         known = stack_for(sorted(vectors), vectors, "vectors")
-    config = TrainConfig(learning_rate=lr, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every,
-                         patience=patience, seed=seed, progress=True)
-    results = intrinsic_subspace_tune(bb, task_list, art.subspace.proj_b, config, init=init, known_vectors=known)
+    if optimizer is ISTOptimizer.ADAMW:
+        config = TrainConfig(learning_rate=lr, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every,
+                             patience=patience, seed=seed, progress=True)
+        results = intrinsic_subspace_tune(bb, task_list, art.subspace.proj_b, config, init=init, known_vectors=known)
+    else:
+        settings = ISTSettings(optimizer=optimizer, max_iterations=max_iterations, patience=patience)
+        starts = (start_candidates(art.subspace.config.d_intrinsic, known)
+                  if optimizer is ISTOptimizer.GAUSS_NEWTON else None)
+        results = tune(bb, task_list, art.subspace.proj_b, settings, start_candidates=starts)
     save_named(out / VECTORS_FILE, {r.task: r.z for r in results})
     _write_json(out / "results.json", {"command": _command(), "subspace": str(subspace),
                                        "tasks": [{k: v for k, v in r.__dict__.items() if k != "z"} for r in results]})

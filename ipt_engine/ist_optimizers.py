@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
@@ -65,6 +66,18 @@ class ISTSettings:
         return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,
                            eval_every=self.eval_every, patience=self.patience, dev_loss=True,
                            max_new_tokens=self.max_new_tokens, seed=self.seed)
+
+
+def start_candidates(d_intrinsic: int, known_vectors: Tensor | None = None) -> Tensor:
+    """The starts Gauss-Newton IST chooses from: z = 0, then (with known task vectors [k, d_I], e.g. the vectors
+    MSF learned for its train tasks) their mean and each of them. Returns [1 (+ 1 + k), d_I]."""
+    zero = torch.zeros(1, d_intrinsic)
+    if known_vectors is None or known_vectors.numel() == 0:
+        return zero
+    if known_vectors.dim() != 2 or known_vectors.shape[1] != d_intrinsic:
+        raise ValueError(f"known vectors must be [k, d_I={d_intrinsic}], got {tuple(known_vectors.shape)}")
+    known = known_vectors.detach().float().cpu()
+    return torch.cat([zero, known.mean(0, keepdim=True), known])
 
 
 def tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, settings: ISTSettings, *,

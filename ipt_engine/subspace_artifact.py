@@ -24,6 +24,9 @@ from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "subspace.safetensors"
 METADATA_FILE = "subspace.json"
+VECTORS_FILE = "task_vectors.safetensors"
+"""Optional, beside an artifact: the vectors z MSF learned for its train tasks ({task name: [d_I]}); IST may start
+from them (`ipt_engine.ist_optimizers.start_candidates`)."""
 _PROBE_ROWS, _PROBE_COLS = 16, 8
 _PROBE_ATOL = 2e-2  # tolerates the same weights stored in another dtype (bf16/fp16), nothing more
 

@@ -18,7 +18,7 @@ from rq.job import Job, JobStatus
 
 from ipt_engine.errors import IPTError
 from ipt_engine.evaluation import evaluate
-from ipt_engine.ist_optimizers import ISTSettings, tune
+from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, start_candidates, tune
 from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import metrics
@@ -99,7 +99,11 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         # what learning gains is shown against the bare model: its dev score, measured once per task
         for tid, score in zip(ids, evaluate(runtime.backbone, tasks, None, "dev"), strict=True):
             store.set_bare_dev_score(tid, score)
-        results = tune(runtime.backbone, tasks, runtime.subspace.proj_b, config, on_evaluate=on_evaluate)
+        starts = None
+        if runtime.known_vectors is not None and config.optimizer is ISTOptimizer.GAUSS_NEWTON:
+            starts = start_candidates(runtime.subspace.config.d_intrinsic, runtime.known_vectors)
+        results = tune(runtime.backbone, tasks, runtime.subspace.proj_b, config, start_candidates=starts,
+                       on_evaluate=on_evaluate)
     except IPTError as exc:
         for tid in ids:
             store.mark_failed(tid, type(exc).__name__, str(exc))

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.named_tensors import load_named, stack_for
 from ipt_engine.subspace import IntrinsicSubspace
-from ipt_engine.subspace_artifact import load_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ class Runtime:
     subspace: IntrinsicSubspace
     artifact_id: str
     load_seconds: float
+    known_vectors: torch.Tensor | None = None  # [k, d_I] the artifact's task vectors (IST start candidates), if any
 
 
 _runtimes: dict[tuple[str, str, str | None, str], Runtime] = {}
@@ -54,7 +56,12 @@ def load_runtime(settings: Settings) -> Runtime:
                                  embeddings=backbone.input_embeddings, device=backbone.device)
         meta = artifact.metadata
         artifact_id = f"{meta.backbone_id}/dI{meta.config['d_intrinsic']}/{meta.created_at}"
-        _runtimes[key] = Runtime(backbone, artifact.subspace, artifact_id, time.perf_counter() - start)
+        vectors_file = settings.subspace / VECTORS_FILE
+        known = None
+        if vectors_file.is_file():  # written by `ipt msf` next to the subspace: where known tasks sit in it
+            named = load_named(vectors_file)
+            known = stack_for(sorted(named), named, "task vectors")
+        _runtimes[key] = Runtime(backbone, artifact.subspace, artifact_id, time.perf_counter() - start, known)
         log.info("runtime loaded in %.1f s: %s", _runtimes[key].load_seconds, artifact_id)
     return _runtimes[key]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def _ok(args: list[str]) -> str:
     return result.output
 
 
-def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_dirs: dict) -> None:
+def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_dirs: dict,
+                                  caplog: pytest.LogCaptureFixture) -> None:
     bb = ["--backbone", str(tiny_model_dirs["llama"])]
     out = _ok(["pt", str(task_file), "--out", str(tmp_path / "pt"), "--n-prompt", "3", *STEPS, *bb])
     assert "Prompt tuning" in out and "mean best dev" in out
@@ -43,9 +45,17 @@ def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_di
     assert "reconstruction_mse" in meta["eval_summary"]
 
     out = _ok(["ist", str(task_file), "--subspace", str(tmp_path / "sub"), "--out", str(tmp_path / "ist"),
-               "--init", "mean", *STEPS, *bb])
+               "--optimizer", "adamw", "--init", "mean", *STEPS, *bb])
     assert "Intrinsic subspace tuning" in out
     assert (tmp_path / "ist" / "task_vectors.safetensors").is_file()
+    # the default optimiser starts from the best of z = 0, the mean and MSF's task vectors (beside the subspace)
+    with caplog.at_level(logging.INFO, logger="ipt_engine.ist_gauss_newton"):
+        _ok(["ist", str(task_file), "--subspace", str(tmp_path / "sub"), "--out", str(tmp_path / "ist-gn"),
+             "--max-iterations", "2", *bb])
+    results = json.loads((tmp_path / "ist-gn" / "results.json").read_text())["tasks"]
+    assert all(r["steps"] <= 2 and r["history"][0]["step"] == 0 for r in results)
+    scored = [r.getMessage() for r in caplog.records if "start candidates" in r.getMessage()]
+    assert len(scored) == 3 and all(m.split("[")[1].count(",") == 4 for m in scored)  # z=0, the mean, 3 vectors
 
     _ok(["eval", str(task_file), "--subspace", str(tmp_path / "sub"), "--vectors",
          str(tmp_path / "ist" / "task_vectors.safetensors"), "--out", str(tmp_path / "scores.json"), *bb,

@@ -13,7 +13,7 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.ist_full_batch import TrainObjective, dev_score_and_loss
 from ipt_engine.ist_gauss_newton import GaussNewtonConfig, choose_start, gauss_newton_subspace_tune, prompt_metric
-from ipt_engine.ist_optimizers import ISTSettings, tune
+from ipt_engine.ist_optimizers import ISTSettings, start_candidates, tune
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.tasks import TaskKind
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
@@ -156,3 +156,12 @@ def test_tune_runs_the_chosen_optimizer(tiny_causal: Backbone, proj_b: ProjB, op
     assert last <= 2 if optimizer != "adamw" else [h["step"] for h in r.history] == [0, 2, 4]
     assert ("damping" in r.history[-1]) == (optimizer == "gauss_newton" and last > 0)
     assert settings.total_steps == (4 if optimizer == "adamw" else 2)
+
+
+def test_start_candidates_are_zero_then_the_mean_and_the_known_vectors() -> None:
+    assert torch.equal(start_candidates(3), torch.zeros(1, 3))
+    known = torch.tensor([[1.0, 0.0, 2.0], [3.0, 2.0, 0.0]])
+    starts = start_candidates(3, known)
+    assert torch.equal(starts, torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 1.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]))
+    with pytest.raises(ValueError, match="d_I=4"):
+        start_candidates(4, known)
