@@ -11,6 +11,9 @@ so the damping measures a step by how far it moves the *prompt* (D is the metric
 a small multiple of the identity for directions that do not move the prompt): a whitened parametrisation
 of z. lambda adapts (Nielsen's rule): a step that lowers the train loss is taken and lambda shrinks as far as
 the quadratic model predicted the decrease well; a step that does not is refused (z stays) and lambda grows.
+Far from a fit the empirical Fisher overstates the curvature (steps of a few tenths in |z| that barely moved
+dev), so a taken step that achieved at least half its first-order decrease doubles the next step's scale (up
+to `max_scale`), and a refused one shrinks it back before lambda grows.
 The gradient at a taken step comes from the same pass that measured its loss, so an accepted iteration costs
 one forward-backward, and dev (`DevSelection`) is evaluated after each taken step.
 
