@@ -191,7 +191,7 @@ def live(overlays: dict, tiny_model_dirs: dict, tiny_causal, tmp_path_factory: p
             train = [{"input": f"the film was {w}", "output": "positive" if i % 2 == 0 else "negative"}
                      for i, w in enumerate(["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad"])]
             created = client.post("/tasks", json={"name": "deploy_check", "train": train,
-                                                  "training": {"max_steps": 2, "eval_every": 1, "batch_size": 2}})
+                                                  "training": {"max_iterations": 2}})
             assert created.status_code == 202, created.text
             task_id = created.json()["id"]
             time.sleep(1.5)
@@ -229,7 +229,8 @@ def live(overlays: dict, tiny_model_dirs: dict, tiny_causal, tmp_path_factory: p
             # SIGTERM while a job runs: the worker finishes the job (all its steps), then exits
             steps = 400
             long_job = client.post("/tasks", json={"name": "long_job", "train": train,
-                                                   "training": {"max_steps": steps, "eval_every": steps}})
+                                                   "training": {"optimizer": "adamw", "max_steps": steps,
+                                                                "eval_every": steps}})
             assert long_job.status_code == 202, long_job.text
             long_id = long_job.json()["id"]
             wait_for("the long job to start", lambda: client.get(f"/tasks/{long_id}").json()["status"] == "running",
