@@ -26,7 +26,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -71,18 +71,6 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def time_budget(seconds: float) -> tuple[Callable[[int, dict[int, Any]], list[int]], dict[str, float]]:
-    """An evaluation hook that stops every task once `seconds` have passed since the hook was made."""
-    began = time.perf_counter()
-    seen = {"elapsed": 0.0}
-
-    def hook(step: int, entries: dict[int, Any]) -> list[int]:
-        seen["elapsed"] = time.perf_counter() - began
-        return list(entries) if seen["elapsed"] >= seconds else []
-
-    return hook, seen
-
-
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     import torch
@@ -95,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, tune
     from ipt_engine.prompt_tuning import prompt_tune
     from ipt_engine.subspace_artifact import load_artifact
-    from ipt_engine.training import TrainConfig
+    from ipt_engine.training import TrainConfig, stop_after
     from workers.runtime import Runtime
 
     with ExitStack() as stack:
@@ -130,14 +118,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
             with torch.no_grad():
                 scores["IST (default)"][task.name] = test_score(proj_b(ist.z[None].to(bb.device)))
                 scores["IST, random Proj_b"][task.name] = test_score(control(rnd.z[None].to(bb.device)))
-            hook, adamw_seen = time_budget(ist_s)
             adamw = ISTSettings(optimizer=ISTOptimizer.ADAMW, max_steps=1000, patience=5, max_new_tokens=4
                                 if args.quick else 32)
-            (old,) = tune(bb, [task], proj_b, adamw, on_evaluate=hook)
-            pt_hook, pt_seen = time_budget(ist_s)
+            (old,) = tune(bb, [task], proj_b, adamw, on_evaluate=stop_after(ist_s))
             pt = prompt_tune(bb, [task], TrainConfig(learning_rate=args.pt_lr, max_steps=10_000, batch_size=8,
                                                      eval_every=5, patience=10_000, seed=args.seed),
-                             n_prompt=shape.n_prompt, on_evaluate=pt_hook)
+                             n_prompt=shape.n_prompt, on_evaluate=stop_after(ist_s))
             with torch.no_grad():
                 scores["IST AdamW (same time)"][task.name] = test_score(proj_b(old.z[None].to(bb.device)))
                 scores["PT (same time)"][task.name] = test_score(pt.prompts[:1].to(bb.device))
@@ -145,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 "labels": len(task.labels or ()), "train": len(task.train), "dev": len(task.dev), "test": test_n,
                 "ist_seconds": ist_s, "ist_iterations": ist.steps, "ist_best_iteration": ist.best_step,
                 "ist_dev": ist.dev_score, "ist_history": ist.history, "adamw_steps": old.steps,
-                "adamw_seconds": adamw_seen["elapsed"], "pt_steps": pt.train.tasks[0].steps,
-                "pt_seconds": pt_seen["elapsed"]}
+                "adamw_seconds": old.wall_seconds, "pt_steps": pt.train.tasks[0].steps,
+                "pt_seconds": pt.train.wall_seconds}
 
         report = Report(
             "everyday_bench", "Everyday tasks: test accuracy with 16 examples per label", device_kind(bb.device),

@@ -160,6 +160,17 @@ EvalHook = Callable[[int, dict[int, HistoryEntry]], Iterable[int]]
 stop (e.g. tasks cancelled by their owner). Per-task mode only."""
 
 
+def stop_after(seconds: float) -> EvalHook:
+    """An evaluation hook that stops every task at its first evaluation `seconds` or more after the hook was made
+    (the task keeps its best dev z so far)."""
+    began = time.perf_counter()
+
+    def hook(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+        return list(entries) if time.perf_counter() - began >= seconds else []
+
+    return hook
+
+
 def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParameters,
                   config: TrainConfig, description: str = "train", on_evaluate: EvalHook | None = None
                   ) -> TrainResult:

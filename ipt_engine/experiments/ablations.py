@@ -28,7 +28,7 @@ from ipt_engine.msf import find_subspace
 from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.subspace_artifact import load_artifact, save_artifact
-from ipt_engine.training import EvalHook, HistoryEntry
+from ipt_engine.training import stop_after
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,6 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out
-
-
-def stop_after(seconds: float) -> EvalHook:
-    """An evaluation hook that stops every task at its first evaluation `seconds` or more after the hook was made
-    (the task keeps its best dev z so far)."""
-    began = time.perf_counter()
-
-    def hook(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
-        return list(entries) if time.perf_counter() - began >= seconds else []
-
-    return hook
 
 
 def lever_scores(summary: dict[str, Any], per_task: dict[str, dict[str, Any]]) -> dict[str, Any]:
