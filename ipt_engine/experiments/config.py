@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from ipt_engine.ist_optimizers import ISTSettings
 from ipt_engine.training import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -26,6 +27,16 @@ class StageSettings:
     tasks_per_step: int | None = None
     patience_steps: int | None = None  # steps without a dev improvement before a task stops (replaces patience)
     dev_loss: bool = False  # break ties of the dev score by dev loss, and keep the dev loss in the history
+    optimizer: str = "adamw"  # IST only: "adamw" (the loop above) or "gauss_newton" / "lbfgs" (full batch,
+    # ipt_engine.ist_optimizers; they use max_iterations and patience_iterations, not the AdamW fields)
+    max_iterations: int = 12  # full-batch IST: forward-backward passes over each task's train set
+    patience_iterations: int = 4  # full-batch IST: iterations without a lower dev loss before a task stops
+
+    def ist_settings(self, seed: int, max_new_tokens: int) -> ISTSettings:
+        """The settings of `ipt_engine.ist_optimizers.tune` for a full-batch optimiser (AdamW runs use
+        `train_config`, which keeps the study's step-based patience)."""
+        return ISTSettings(optimizer=self.optimizer, max_iterations=self.max_iterations,
+                           patience=self.patience_iterations, seed=seed, max_new_tokens=max_new_tokens)
 
     def train_config(self, seed: int, max_new_tokens: int) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,
@@ -61,6 +72,7 @@ class ExperimentConfig:
     with_proj: bool = True
     msf_recon_warmup_steps: int = 0  # MSF with Proj: steps fitting Proj/Proj_b to the prompts alone first
     ist_seen_tasks: int | None = None  # cap on the train tasks re-learnt by IST in the two "seen" challenges
+    stability_tasks: int | None = None  # cap on the unseen tasks of the stability study (taken in turn by kind)
     tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
     pt: StageSettings = field(default_factory=lambda: StageSettings(0.3, 1000))
     msf: StageSettings = field(default_factory=lambda: StageSettings(1e-3, 1000, tasks_per_step=8))

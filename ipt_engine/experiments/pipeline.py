@@ -39,12 +39,13 @@ from ipt_engine.evaluation import evaluate, reference_of
 from ipt_engine.experiments.config import ExperimentConfig
 from ipt_engine.experiments.selection import choose_d, learnable
 from ipt_engine.ist import intrinsic_subspace_tune
+from ipt_engine.ist_optimizers import start_candidates, tune
 from ipt_engine.metrics import compute_metric
 from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
 from ipt_engine.prompt_tuning import prompt_tune
 from ipt_engine.subspace import ProjB, SubspaceConfig
-from ipt_engine.subspace_artifact import load_artifact, save_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, save_artifact
 from ipt_engine.tasks import Task, TaskKind
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,16 @@ class ExperimentRun:
         """The train tasks that IST re-learns in the two "seen" challenges: those with data for a second, disjoint
         draw (`no_second_draw` lists the others), all of them or `ist_seen_tasks` taken in turn from each kind
         (so a cap still covers classification, multiple choice and generation)."""
-        names = [n for n in self.train_names if n not in self.no_second_draw]
-        cap = self.config.ist_seen_tasks
+        return self._in_turn_by_kind([n for n in self.train_names if n not in self.no_second_draw],
+                                     self.config.ist_seen_tasks)
+
+    @property
+    def stability_names(self) -> list[str]:
+        """The unseen tasks of the stability study: all of them or `stability_tasks` taken in turn by kind."""
+        return self._in_turn_by_kind(self.test_names, self.config.stability_tasks)
+
+    def _in_turn_by_kind(self, names: list[str], cap: int | None) -> list[str]:
+        """`names`, or (with a smaller `cap`) the first `cap` of them taken in turn from each kind, sorted."""
         if cap is None or cap >= len(names):
             return names
         by_kind = [[n for n in names if self.pool.kind(n) is k] for k in TaskKind]
@@ -248,10 +257,16 @@ class ExperimentRun:
         def run() -> Any:
             return find_subspace(self.backbone, tasks, cfg.msf.train_config(cfg.data_seed, cfg.max_new_tokens),
                                  sub_cfg, task_prompts=prompts, alpha=cfg.alpha,
-                                 recon_warmup_steps=cfg.msf_recon_warmup_steps)
+                                 recon_warmup_steps=cfg.msf_recon_warmup_steps,
+                                 score_warmup=cfg.msf_recon_warmup_steps > 0)
 
         result = self._timed("msf", run)
         summary: dict[str, Any] = {"mean_dev_score": result.train.mean_dev_score, "steps": result.train.steps}
+        if result.warmup_dev_scores is not None:
+            # what the joint LM steps add: dev with the reconstruction warm-up alone vs after the joint steps
+            summary["warmup_mean_dev_score"] = mean(result.warmup_dev_scores)
+            summary["warmup_dev"] = dict(zip(self.train_names, result.warmup_dev_scores, strict=True))
+            summary["dev"] = {t.name: r.dev_score for t, r in zip(tasks, result.train.tasks, strict=True)}
         if prompts is not None:
             summary["reconstruction_mse"] = reconstruction_error(result.subspace, prompts)
         save_artifact(out, result.subspace, self.backbone.backbone_id, self.backbone.input_embeddings,
@@ -289,21 +304,35 @@ class ExperimentRun:
     def ist(self, d: int, artifact: Path, challenge: str, random_subspace: bool = False
             ) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """IST of one challenge's tasks in the MSF subspace at d_I = d, or (`random_subspace`) in the control:
-        a Proj_b of the same shapes at its seeded random initialisation, which MSF never trained."""
+        a Proj_b of the same shapes at its seeded random initialisation, which MSF never trained.
+
+        With a full-batch optimiser (config `ist.optimizer`), IST in the MSF subspace chooses its start among
+        z = 0, the mean and each of the train tasks' vectors, as the service does; the control has no task
+        vectors and starts at z = 0. (In the "seen" challenges the task's own MSF vector is among the starts.)"""
         cfg = self.config
         names, seed = self._challenge_tasks(challenge)
         proj_b = load_artifact(artifact).subspace.proj_b
         if random_subspace:
             proj_b = random_proj_b(proj_b.config, RANDOM_SUBSPACE_SEED + d)
 
+        starts = None
+        if not random_subspace and (artifact / VECTORS_FILE).is_file():
+            starts = start_candidates(proj_b.config.d_intrinsic,
+                                      stack_for(self.train_names, load_named(artifact / VECTORS_FILE), "task vectors"))
+
         def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
-            results = intrinsic_subspace_tune(self.backbone, chunk, proj_b,
-                                              cfg.ist.train_config(cfg.data_seed, cfg.max_new_tokens))
+            if cfg.ist.optimizer == "adamw":
+                results = intrinsic_subspace_tune(self.backbone, chunk, proj_b,
+                                                  cfg.ist.train_config(cfg.data_seed, cfg.max_new_tokens))
+            else:
+                results = tune(self.backbone, chunk, proj_b, cfg.ist.ist_settings(cfg.data_seed, cfg.max_new_tokens),
+                               start_candidates=starts)
             z = torch.stack([r.z for r in results])
             with torch.no_grad():
                 test = self.test_scores(chunk, proj_b(z))
             res = {r.task: {"dev": r.dev_score, "test": s, "steps": r.steps, "best_step": r.best_step,
-                            "history": r.history} for r, s in zip(results, test, strict=True)}
+                            "seconds": round(r.wall_seconds, 2), "error": r.error, "history": r.history}
+                   for r, s in zip(results, test, strict=True)}
             return res, {r.task: r.z for r in results}
 
         stage = f"{challenge}-random" if random_subspace else challenge
@@ -356,22 +385,25 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
     baselines = run.baselines()
     all_names = sorted(set(run.train_names) | set(run.test_names))
     pt_main, prompts_main = run.prompt_tuning("main", all_names, cfg.data_seed, cfg.stability_seeds[0])
-    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.seen_ist_names, cfg.unseen_data_seed,
-                                          cfg.stability_seeds[0])
+    # Stages in order of what the study most needs, so that an interrupted run has its headline first:
+    # every subspace, then the unseen tasks at every d_I (MSF subspace and control), then the seen challenges.
+    artifacts = {d: run.subspace(d, prompts_main) for d in cfg.d_intrinsic}
     per_d: dict[str, Any] = {}
     ist_vectors: dict[int, dict[str, Tensor]] = {}
-    for d in cfg.d_intrinsic:
-        artifact = run.subspace(d, prompts_main)
+    for d, artifact in artifacts.items():
         entry: dict[str, Any] = {"msf": json.loads((artifact / "subspace.json").read_text())["eval_summary"],
-                                 "recon": run.reconstruction(d, artifact, prompts_main),
                                  "z0": run.zero_vector_scores(d, artifact), "random": {}}
-        for challenge in CHALLENGES:
-            results, vectors = run.ist(d, artifact, challenge)
-            entry[challenge] = results
-            entry["random"][challenge], _ = run.ist(d, artifact, challenge, random_subspace=True)
-            if challenge == "unseen_tasks":
-                ist_vectors[d] = vectors
+        entry["unseen_tasks"], ist_vectors[d] = run.ist(d, artifact, "unseen_tasks")
+        entry["random"]["unseen_tasks"], _ = run.ist(d, artifact, "unseen_tasks", random_subspace=True)
         per_d[str(d)] = entry
+    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.seen_ist_names, cfg.unseen_data_seed,
+                                          cfg.stability_seeds[0])
+    for d, artifact in artifacts.items():
+        entry = per_d[str(d)]
+        entry["recon"] = run.reconstruction(d, artifact, prompts_main)
+        for challenge in CHALLENGES[:2]:
+            entry[challenge], _ = run.ist(d, artifact, challenge)
+            entry["random"][challenge], _ = run.ist(d, artifact, challenge, random_subspace=True)
 
     is_learnable = learnable(pt_main, baselines, all_names, cfg.data_seed)
     learnable_unseen_data = learnable(pt_unseen_data, baselines, run.seen_ist_names, cfg.unseen_data_seed)
@@ -401,17 +433,18 @@ def _stability(run: ExperimentRun, cfg: ExperimentConfig, d: int, z: dict[str, T
     The first seed's PT is the main PT run (same data, same seed; a task trains the same alone or batched)."""
     proj_b = load_artifact(run.dir / "msf" / f"dI{d}").subspace.proj_b
     with torch.no_grad():
-        initial = {n: proj_b(z[n][None])[0] for n in run.test_names}
+        initial = {n: proj_b(z[n][None])[0] for n in run.stability_names}
     pt_runs, ipt_runs = {}, {}
     for seed in cfg.stability_seeds:
         if seed == cfg.stability_seeds[0]:
-            pt_runs[str(seed)] = {n: pt_main[n] for n in run.test_names}
+            pt_runs[str(seed)] = {n: pt_main[n] for n in run.stability_names}
         else:
-            pt_runs[str(seed)], _ = run.prompt_tuning(f"stability-seed{seed}", run.test_names, cfg.data_seed, seed)
-        ipt_runs[str(seed)], _ = run.prompt_tuning(f"dI{d}-seed{seed}", run.test_names, cfg.data_seed, seed,
+            pt_runs[str(seed)], _ = run.prompt_tuning(f"stability-seed{seed}", run.stability_names, cfg.data_seed,
+                                                      seed)
+        ipt_runs[str(seed)], _ = run.prompt_tuning(f"dI{d}-seed{seed}", run.stability_names, cfg.data_seed, seed,
                                                    initial=initial, stage="ipt_pt")
     per_task = {}
-    for n in run.test_names:
+    for n in run.stability_names:
         pt_scores = [pt_runs[s][n]["test"] for s in pt_runs]
         ipt_scores = [ipt_runs[s][n]["test"] for s in ipt_runs]
         per_task[n] = {"pt": pt_scores, "ipt_pt": ipt_scores, "pt_std": seed_std(pt_scores),

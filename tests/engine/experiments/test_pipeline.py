@@ -109,10 +109,21 @@ def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: 
 def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_model_dirs: dict) -> None:
     """The options that size a run for a CPU, and the export of a finished run's Proj_b as a service artifact."""
     base = _config(str(tiny_model_dirs["llama"]))
+    newton = {**base.ist.__dict__, "optimizer": "gauss_newton", "max_iterations": 2, "patience_iterations": 1}
     cfg = ExperimentConfig(**{**base.to_dict(), "ist_seen_tasks": 1, "dev_k_per_class": 1, "dev_k_other": 2,
-                              "msf_recon_warmup_steps": 20, "stability_seeds": [0, 1], "d_intrinsic": [2]})
+                              "msf_recon_warmup_steps": 20, "stability_seeds": [0, 1], "d_intrinsic": [2],
+                              "stability_tasks": 1, "ist": newton})
     run_dir = tmp_path / "run"
     summary = run_experiment(cfg, run_dir, pool_dir)
+    # the stability study on `stability_tasks` of the unseen tasks; IST by Gauss-Newton (iterations, history)
+    assert len(summary["stability"]["per_task"]) == 1
+    assert set(summary["stability"]["per_task"]) < set(summary["test_tasks"])
+    for r in summary["per_d"]["2"]["unseen_tasks"].values():
+        assert 1 <= r["steps"] <= 2 and r["history"] and r["seconds"] > 0
+    # MSF says what its joint LM steps add to the reconstruction warm-up, per task and on average
+    msf = summary["per_d"]["2"]["msf"]
+    assert set(msf["warmup_dev"]) == set(msf["dev"]) == set(summary["train_tasks"])
+    assert msf["warmup_mean_dev_score"] == pytest.approx(sum(msf["warmup_dev"].values()) / len(msf["warmup_dev"]))
     seen = summary["seen_ist_tasks"]
     assert len(seen) == 1 and seen[0] in summary["train_tasks"]
     assert set(summary["per_d"]["2"]["seen_same_data"]) == set(seen) == set(summary["pt"]["unseen-data"])
@@ -189,6 +200,10 @@ def test_configs_in_the_repo_load() -> None:
         assert paper.d_intrinsic == [5, 10, 50, 100, 250]
         assert len(paper.stability_seeds) >= 5  # a claim about stability needs at least 5 seeds
         assert paper.ist.patience_steps and paper.ist.dev_loss  # IST runs to convergence
+    study = load_config("bigbench-100")  # the paper-scale study (issue 15)
+    assert study.max_train_tasks >= 100 and study.max_test_tasks >= 24 and study.max_per_family == 3
+    assert study.ist.optimizer == "gauss_newton" and {10, 50, 250} <= set(study.d_intrinsic)
+    assert len(study.stability_seeds) >= 5 and study.stability_tasks >= 12 and study.ist_seen_tasks >= 24
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_config("nope")
 
