@@ -91,6 +91,7 @@ class ExperimentRun:
         self._backbone: Backbone | None = None
         self._task_cache: dict[tuple[str, int], Task] = {}
         run_dir.mkdir(parents=True, exist_ok=True)
+        check_resumable(run_dir, config)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if command:
             (run_dir / "command.txt").write_text(command + "\n")
@@ -238,8 +239,10 @@ class ExperimentRun:
         path = self.dir / "baselines.json"
         if path.is_file():
             return json.loads(path.read_text())
-        names = sorted(set(self.train_names) | set(self.test_names))
-        out = {f"{n}@{seed}": trivial_score(t) for seed in (self.config.data_seed, self.config.unseen_data_seed)
+        # the "unseen data" draw exists only for the seen-task IST (some tasks have no data left for it)
+        draws = {self.config.data_seed: sorted(set(self.train_names) | set(self.test_names)),
+                 self.config.unseen_data_seed: self.seen_ist_names}
+        out = {f"{n}@{seed}": trivial_score(t) for seed, names in draws.items()
                for n, t in zip(names, self.tasks(names, seed), strict=True)}
         path.write_text(json.dumps(out, indent=1) + "\n")
         return out
@@ -366,6 +369,36 @@ class ExperimentRun:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")
         return out
+
+
+# Settings a resumed run may change: they add work (more d_I, seeds or tasks) without changing what is on disk.
+RESUMABLE_CHANGES = frozenset({"name", "pool", "d_intrinsic", "stability_seeds", "stability_tasks", "ist_seen_tasks"})
+
+
+def config_changes(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings whose values differ between a run directory's config and `current` (nested keys dotted);
+    a key the previous config lacks (added to the code since) is not a change."""
+    changed = []
+    for key, value in current.items():
+        if key not in previous or (not prefix and key in RESUMABLE_CHANGES):
+            continue
+        if isinstance(value, dict) and isinstance(previous[key], dict):
+            changed += config_changes(previous[key], value, f"{prefix}{key}.")
+        elif previous[key] != value:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def check_resumable(run_dir: Path, config: ExperimentConfig) -> None:
+    """Refuse to resume a run directory made with other settings: its chunks are reused by task name, so a
+    changed setting would silently mix results of two configurations."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    changed = config_changes(yaml.safe_load(path.read_text()) or {}, config.to_dict())
+    if changed:
+        raise ValueError(f"{run_dir} holds a run made with other settings ({', '.join(changed)} differ); resume it "
+                         f"with the same config, or start a new run directory")
 
 
 def random_proj_b(config: SubspaceConfig, seed: int) -> ProjB:

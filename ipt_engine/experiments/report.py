@@ -21,112 +21,18 @@ import numpy as np
 import yaml
 
 from ipt_engine.experiments.intervals import Estimate, e_abs_estimate, e_rel_estimate, mean_with_interval
+from ipt_engine.experiments.report_controls import controls_section, family_section, msf_section, timing_section
+from ipt_engine.experiments.report_tables import (
+    CHALLENGE_TITLES,
+    METHOD_TITLES,
+    counted_tasks,
+    find_row,
+    headline_rows,
+    pct,
+    reference_of,
+)
 from ipt_engine.experiments.selection import LEARNABLE_RULE, choose_d, chosen_d
 from ipt_engine.named_tensors import load_chunks, load_named
-
-CHALLENGE_TITLES = {
-    "seen_same_data": "seen tasks, same data",
-    "seen_unseen_data": "seen tasks, unseen data",
-    "unseen_tasks": "unseen tasks",
-    "recon": "MSF reconstruction (train tasks)",
-}
-METHOD_TITLES = {
-    "ist": "IST, MSF subspace",
-    "random": "IST, random Proj_b (control)",
-    "z0": "z = 0 of the MSF subspace (control)",
-    "no_prompt": "no prompt, bare PLM (control)",
-}
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def challenge_names(summary: dict[str, Any], challenge: str) -> list[str]:
-    """The tasks a challenge is about (before any filter)."""
-    if challenge == "recon":
-        return list(summary["train_tasks"])
-    if challenge in ("seen_same_data", "seen_unseen_data"):
-        return list(summary.get("seen_ist_tasks") or summary["train_tasks"])
-    return list(summary["test_tasks"])
-
-
-def _reference(summary: dict[str, Any], challenge: str) -> tuple[dict[str, Any], dict[str, bool]]:
-    """(PT results, learnable flags) of the few-shot draw the challenge trains on."""
-    if challenge == "seen_unseen_data":
-        return summary["pt"]["unseen-data"], summary["learnable_unseen_data"]
-    return summary["pt"]["main"], summary["learnable"]
-
-
-def method_scores(summary: dict[str, Any], d: str, challenge: str, method: str) -> dict[str, float] | None:
-    """{task: test score} of `method` in `challenge` at d_I = d, or None when the run did not measure it."""
-    entry = summary["per_d"][d]
-    if challenge == "recon":
-        return dict(entry["recon"]) if method == "ist" and entry.get("recon") else None
-    names = set(challenge_names(summary, challenge))
-    if method == "ist":
-        return {n: r["test"] for n, r in entry[challenge].items() if n in names}
-    if method == "random":
-        runs = entry.get("random", {}).get(challenge)
-        return {n: r["test"] for n, r in runs.items() if n in names} if runs else None
-    if method == "z0":
-        return {n: v for n, v in entry["z0"].items() if n in names} if entry.get("z0") else None
-    if method == "no_prompt":
-        return {n: v for n, v in summary["no_prompt"].items() if n in names} if summary.get("no_prompt") else None
-    raise ValueError(f"unknown method {method!r}")
-
-
-def counted_tasks(summary: dict[str, Any], challenge: str, scores: dict[str, float]
-                  ) -> tuple[list[str], list[str], dict[str, str]]:
-    """(tasks counted in E_abs, tasks counted in E_rel, {task left out: why}) for one challenge's scores."""
-    pt, ok = _reference(summary, challenge)
-    dropped: dict[str, str] = {}
-    for n in challenge_names(summary, challenge):
-        if n not in scores:
-            dropped[n] = "no result"
-        elif not ok.get(n):
-            dropped[n] = f"not learnable (PT dev {_pct(pt[n]['dev'])} <= trivial guess)"
-    if challenge == "seen_unseen_data":
-        dropped.update(summary.get("no_second_draw", {}))
-    abs_names = [n for n in challenge_names(summary, challenge) if n not in dropped]
-    rel_names = [n for n in abs_names if pt[n]["test"] > 0]
-    for n in abs_names:
-        if n not in rel_names:
-            dropped[n] = "PT test score 0 (E_rel undefined; still in E_abs)"
-    return abs_names, rel_names, dropped
-
-
-def challenge_scores(summary: dict[str, Any], d: str, challenge: str) -> tuple[dict[str, float], dict[str, float]]:
-    """(IST test scores, PT test scores) over the tasks E_rel counts in this challenge."""
-    scores = method_scores(summary, d, challenge, "ist") or {}
-    _, rel_names, _ = counted_tasks(summary, challenge, scores)
-    pt, _ = _reference(summary, challenge)
-    return {n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names}
-
-
-def headline_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (challenge, d_I, method) the run measured: E_rel and E_abs as Estimates, PT's E_abs over the
-    same tasks, and the tasks left out with their reasons."""
-    rows = []
-    for challenge in CHALLENGE_TITLES:
-        pt, _ = _reference(summary, challenge)
-        for d in summary["per_d"]:
-            for method in METHOD_TITLES:
-                scores = method_scores(summary, d, challenge, method)
-                if scores is None:
-                    continue
-                abs_names, rel_names, dropped = counted_tasks(summary, challenge, scores)
-                rows.append({
-                    "challenge": challenge, "d": int(d), "method": method,
-                    "e_rel": e_rel_estimate({n: scores[n] for n in rel_names}, {n: pt[n]["test"] for n in rel_names}),
-                    "e_abs": e_abs_estimate({n: scores[n] for n in abs_names}),
-                    "pt_e_abs": e_abs_estimate({n: pt[n]["test"] for n in abs_names}),
-                    "dropped": dropped})
-    return rows
-
-
-def find_row(rows: list[dict[str, Any]], challenge: str, d: int, method: str = "ist") -> dict[str, Any] | None:
-    return next((r for r in rows if (r["challenge"], r["d"], r["method"]) == (challenge, d, method)), None)
 
 
 def pca_plot(run_dir: Path, summary: dict[str, Any], out: Path) -> Path | None:
@@ -180,18 +86,21 @@ def paper_comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows (figure, paper, this run) for the paper's headline numbers; the run's d_I = 250 if it has it,
     else its largest d_I. Each of the run's figures names its task count and 95% interval."""
     d = 250 if "250" in summary["per_d"] else max(int(k) for k in summary["per_d"])
+    chosen = chosen_d(summary)
     rows = headline_rows(summary)
     out = []
     for challenge, title in (("seen_unseen_data", "E_rel^PT, seen tasks with unseen data"),
                              ("unseen_tasks", "E_rel^PT, unseen tasks")):
-        for method in ("ist", "random"):
-            r = find_row(rows, challenge, d, method)
-            if r is None:
-                continue
-            label = title if method == "ist" else f"{title}, random Proj_b (control; not in the paper)"
-            out.append({"figure": f"{label} (d_I = {d})",
-                        "paper": f"{100 * PAPER[challenge]:.0f}%" if method == "ist" else "-",
-                        "run": r["e_rel"].percent()})
+        for at in dict.fromkeys((d, chosen)):
+            for method in ("ist", "random"):
+                r = find_row(rows, challenge, at, method)
+                if r is None:
+                    continue
+                label = title if method == "ist" else f"{title}, random Proj_b (control; not in the paper)"
+                which = ", chosen on dev" if at == chosen else ""
+                out.append({"figure": f"{label} (d_I = {at}{which})",
+                            "paper": f"{100 * PAPER[challenge]:.0f}%" if method == "ist" else "-",
+                            "run": r["e_rel"].percent()})
     st = stability_summary(summary)
     if st is not None:
         out.append({"figure": "mean std over seeds, PT (learnable unseen tasks)", "paper": f"{PAPER['pt_std']:.2f}",
@@ -338,19 +247,17 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
         lines += [""]
     if rel_plot is not None:
         lines += [f"![E_rel^PT by d_I]({rel_plot.name})", ""]
-    lines += ["MSF: " + "; ".join(
-        f"d_I={d}: dev {summary['per_d'][str(d)]['msf']['mean_dev_score']:.3f}"
-        + (f", reconstruction MSE {summary['per_d'][str(d)]['msf']['reconstruction_mse']:.4g}"
-           if "reconstruction_mse" in summary["per_d"][str(d)]["msf"] else "") for d in ds), ""]
+    lines += controls_section(summary)
+    lines += family_section(summary)
+    lines += msf_section(summary)
     lines += _stability_section(summary)
     lines += _levers_section(run_dir, summary)
     if plot is not None:
         lines += ["## Intrinsic vectors (PCA)", "", f"![PCA of intrinsic vectors]({plot.name})", "",
                   f"Train tasks: Proj(P_i) from MSF; unseen tasks (stars): their IST z; d_I = {chosen_d(summary)} "
                   "(chosen on dev).", ""]
-    lines += ["## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary["timings"].items()]
-    lines += ["", "## Task lists", "",
+    lines += timing_section(run_dir, summary)
+    lines += ["## Task lists", "",
               "Train (seen): " + ", ".join(f"`{n}` ({summary['kinds'][n]})" for n in summary["train_tasks"]), "",
               "Held out (unseen): " + ", ".join(f"`{n}` ({summary['kinds'][n]})" for n in summary["test_tasks"]),
               ""]
@@ -381,7 +288,7 @@ def _with_kept_start(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
 def _d_choice_section(summary: dict[str, Any]) -> list[str]:
     choice = choose_d(summary["per_d"], summary["pt"]["main"], summary["learnable"], summary["test_tasks"])
-    values = ", ".join(f"d_I={d}: {_pct(v)}" for d, v in choice["by_d"].items())
+    values = ", ".join(f"d_I={d}: {pct(v)}" for d, v in choice["by_d"].items())
     lines = ["## The d_I carried forward", "",
              f"{choice['rule']}. Criterion `{choice['criterion']}` over {choice['tasks']} unseen task(s): {values}. "
              f"Chosen: **d_I = {choice['d']}** (stability runs, ablations, the PCA plot and `ipt experiment export` "
@@ -408,8 +315,8 @@ def _stability_section(summary: dict[str, Any]) -> list[str]:
         return f"{stdev(xs) * 100:.2f}" if len(xs) >= 2 else "n/a"
 
     for name, r in st["per_task"].items():
-        lines.append(f"| {name} | {'yes' if summary['learnable'].get(name) else 'no'} | {_pct(mean(r['pt']))} | "
-                     f"{std(r['pt'])} | {r.get('pt_kept_start', 'n/a')} | {_pct(mean(r['ipt_pt']))} | "
+        lines.append(f"| {name} | {'yes' if summary['learnable'].get(name) else 'no'} | {pct(mean(r['pt']))} | "
+                     f"{std(r['pt'])} | {r.get('pt_kept_start', 'n/a')} | {pct(mean(r['ipt_pt']))} | "
                      f"{std(r['ipt_pt'])} | {r.get('ipt_pt_kept_start', 'n/a')} |")
     if agg is not None:
         lines += ["", "| mean std over seeds | learnable unseen tasks | all unseen tasks |", "|---|---|---|",
@@ -453,9 +360,12 @@ def _levers_section(run_dir: Path, summary: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|"]
     ref = find_row(headline_rows(summary), "unseen_tasks", d)
     if ref:
-        lines.append(f"| (run) | IST as configured: lr {summary['config']['ist']['learning_rate']}, z from 0 | "
+        ist_cfg = summary["config"]["ist"]
+        how = (f"{ist_cfg['optimizer']}, up to {ist_cfg['max_iterations']} iterations, multi-start"
+               if ist_cfg.get("optimizer", "adamw") != "adamw" else f"AdamW lr {ist_cfg['learning_rate']}, z from 0")
+        lines.append(f"| (run) | IST as configured: {how} | "
                      f"{ref['e_rel'].percent()} | {ref['e_abs'].percent()} | | |")
-    pt, _ = _reference(summary, "unseen_tasks")
+    pt, _ = reference_of(summary, "unseen_tasks")
     for r in sorted(results, key=lambda r: r["lever"]):
         scores = {n: v["test"] for n, v in r["per_task"].items()}
         abs_names, rel_names, _ = counted_tasks(summary, "unseen_tasks", scores)
@@ -480,10 +390,10 @@ def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
     for name in [*summary["train_tasks"], *summary["test_tasks"]]:
         pt = summary["pt"]["main"][name]
         challenge = "seen_same_data" if name in summary["train_tasks"] else "unseen_tasks"
-        ist = [_pct(summary["per_d"][str(d)][challenge].get(name, {}).get("test")) for d in ds]
+        ist = [pct(summary["per_d"][str(d)][challenge].get(name, {}).get("test")) for d in ds]
         recon = summary["per_d"][str(ds[-1])]["recon"].get(name)
-        lines.append(f"| {name} | {summary['kinds'][name]} | {_pct(summary['baselines'][f'{name}@{seed}'])} | "
-                     f"{_pct(pt['dev'])} | {_pct(pt['test'])} | {'yes' if summary['learnable'][name] else 'no'} | "
-                     + " | ".join(ist) + f" | {_pct(recon)} | "
-                     + "".join(f"{_pct(values.get(name))} | " for _, values in controls))
+        lines.append(f"| {name} | {summary['kinds'][name]} | {pct(summary['baselines'][f'{name}@{seed}'])} | "
+                     f"{pct(pt['dev'])} | {pct(pt['test'])} | {'yes' if summary['learnable'][name] else 'no'} | "
+                     + " | ".join(ist) + f" | {pct(recon)} | "
+                     + "".join(f"{pct(values.get(name))} | " for _, values in controls))
     return [*lines, ""]

@@ -95,12 +95,21 @@ def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: 
     assert chunk.is_file()
     assert json.loads((run_dir / "timings.json").read_text())["ist"] > timings["ist"]
 
+    # a resumed run with other settings would mix two configurations' chunks: refused, naming the setting;
+    # more d_I or seeds only add work and are allowed
+    changed = ExperimentConfig(**{**cfg.to_dict(), "k_per_class": 3, "pt": {**cfg.pt.__dict__, "max_steps": 5}})
+    with pytest.raises(ValueError, match=r"k_per_class, pt\.max_steps differ"):
+        run_experiment(changed, run_dir, pool_dir)
+    ExperimentRun(ExperimentConfig(**{**cfg.to_dict(), "stability_seeds": [0, 1, 2]}), run_dir, pool_dir)
+
     report = write_report(run_dir)
     text = report.read_text()
     for section in ("## Setup", "E_rel^PT and E_abs", "seen tasks, unseen data", "MSF reconstruction",
                     "## The d_I carried forward", "IST, random Proj_b (control)", "z = 0 of the MSF subspace",
                     "no prompt, bare PLM", "## Stability", "## Intrinsic vectors (PCA)", "## Stage timings",
-                    "## Task lists", "## Appendix", "ipt experiment run tiny"):
+                    "## Task lists", "## Appendix", "ipt experiment run tiny",
+                    "## Does the MSF subspace beat its controls?", "## Unseen tasks by whether MSF saw their family",
+                    "## MSF: what the joint LM steps add"):
         assert section in text, section
     assert f"Chosen: **d_I = {summary['best_d']}**" in text
     assert (run_dir / "report-pca.png").stat().st_size > 1000
@@ -171,8 +180,9 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     ist = summary["per_d"]["2"]["unseen_tasks"]
     expected = (f"{100 * sum(ist[n]['test'] / pt[n]['test'] for n in counted) / len(counted):.1f}" if counted
                 else "n/a")
-    row = next(line for line in text.splitlines() if line.startswith("| E_rel^PT, unseen tasks (d_I = 2) |"))
-    assert row.startswith(f"| E_rel^PT, unseen tasks (d_I = 2) | 83% | {expected}") and f"(k={len(counted)})" in row
+    title = "| E_rel^PT, unseen tasks (d_I = 2, chosen on dev) |"
+    row = next(line for line in text.splitlines() if line.startswith(title))
+    assert row.startswith(f"{title} 83% | {expected}") and f"(k={len(counted)})" in row
     copied = copy_summaries(run_dir, tmp_path / "published")
     assert (tmp_path / "published" / "summary.json").is_file() and (tmp_path / "published" / "ablations").is_dir()
     assert copied and all(p.suffix in (".json", ".yaml", ".txt") for p in copied)
