@@ -1,16 +1,31 @@
 """Error responses: their documented shapes (for the routes' `responses=`, so that the OpenAPI schema
-describes every status a route can answer) and the handler that turns an unreachable Redis into 503."""
+describes every status a route can answer) and the handlers: an unreachable Redis is a 503; a body that does
+not validate is a 422 whose echo of the input is JSON-safe and small (service/safe_text.py), whatever was
+sent (lone surrogates, NaN, megabytes of text); any other error is a JSON 500 that reveals nothing."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.safe_text import json_safe
+
+log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER_S = 5
+
+MAX_VALIDATION_ISSUES = 20
+"""A 422 lists at most this many issues (a body of 2,000 bad examples would otherwise list each)."""
+
+MAX_DETAIL_CHARS = 2000
+"""Longest message of an HTTP error the service raises (it may quote what the client sent)."""
 
 
 class ErrorDetail(BaseModel):
@@ -67,7 +82,39 @@ async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
                         status_code=503, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 
+async def validation_failed(request: Request, exc: Exception) -> JSONResponse:
+    """422 with FastAPI's shape (type, loc, msg, input, ctx per issue), every value JSON-safe and truncated."""
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    issues = [{key: json_safe(value) for key, value in error.items() if key != "url"}
+              for error in errors[:MAX_VALIDATION_ISSUES]]
+    for issue in issues:
+        issue["loc"] = [part if isinstance(part, int) else str(part) for part in issue.get("loc", [])]
+    if len(errors) > MAX_VALIDATION_ISSUES:
+        issues.append({"loc": ["body"], "type": "too_many_issues",
+                       "msg": f"{len(errors) - MAX_VALIDATION_ISSUES} more issues are not listed"})
+    return JSONResponse({"detail": issues}, status_code=422)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """An HTTPException's detail (it may quote client input) through json_safe, with its headers."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (204, 304):  # no body allowed
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": json_safe(exc.detail, MAX_DETAIL_CHARS)}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything unexpected: logged with its traceback, answered as a JSON 500 that names nothing internal."""
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error; it was logged"}, status_code=500)
+
+
 def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_failed)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
     # BusyLoadingError (Redis loading its AOF after a restart) is a ConnectionError; ReadOnlyError is what a
     # replica answers writes during a failover
     for exc_type in (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError):

@@ -129,26 +129,22 @@ class MicroBatcher:
                 else:
                     fut.set_result(result)
 
-    def run_batch(self, items: list[Item]) -> list[Prediction]:
-        """One forward pass (per kind) over items of any number of tasks; if it fails, each task's items
-        run on their own, so that one task's bad input cannot fail the others' requests."""
+    def run_batch(self, items: list[Item]) -> list[Prediction | BaseException]:
+        """One forward pass (per kind) over items of any number of tasks. If it fails, every item runs on its
+        own, so that one bad row (of any task, of any request) fails only itself: each item gets its
+        prediction or the error of its own row."""
         try:
-            return self._run_batch(items)
+            return list(self._run_batch(items))
         except Exception:
-            if len({i.key for i in items}) == 1:
+            if len(items) == 1:
                 raise
-        by_key: dict[tuple[str, int], list[int]] = {}
-        for i, item in enumerate(items):
-            by_key.setdefault(item.key, []).append(i)
-        results: dict[int, Prediction] = {}
-        errors: dict[int, BaseException] = {}
-        for idx in by_key.values():
+        out: list[Prediction | BaseException] = []
+        for item in items:
             try:
-                for i, p in zip(idx, self._run_batch([items[i] for i in idx]), strict=True):
-                    results[i] = p
+                out.extend(self._run_batch([item]))
             except Exception as exc:
-                errors.update(dict.fromkeys(idx, exc))
-        return [results.get(i) or errors[i] for i in range(len(items))]  # type: ignore[misc]
+                out.append(exc)
+        return out
 
     def _run_batch(self, items: list[Item]) -> list[Prediction]:
         groups: dict[tuple[str, int], list[int]] = {}

@@ -1,4 +1,5 @@
-"""Request and response bodies (pydantic v2). Unknown fields are rejected with a 422 naming them."""
+"""Request and response bodies (pydantic v2). Unknown fields are rejected with a 422 naming them; so are
+text that UTF-8 cannot encode (a lone surrogate) and NaN or infinite numbers."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipt_engine.ist_optimizers import ISTSettings
+from service.safe_text import Text
 
 Kind = Literal["classification", "multiple_choice", "generation"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ExampleIn(Strict):
-    input: str = Field(min_length=1)
-    output: str = Field(min_length=1)
-    options: list[str] | None = None
+    input: Text = Field(min_length=1)
+    output: Text = Field(min_length=1)
+    options: list[Text] | None = Field(None, description="multiple-choice tasks only: this example's options")
 
 
 Optimizer = Literal["gauss_newton", "lbfgs", "adamw"]
@@ -43,11 +45,12 @@ class TrainingSettings(Strict):
 
 
 class TaskCreate(Strict):
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: Text = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
     kind: Kind | None = None
     train: list[ExampleIn] = Field(min_length=1)
     dev: list[ExampleIn] | None = None
-    labels: list[str] | None = None
+    labels: list[Text] | None = Field(None, description="classification tasks only: the label set (default: the "
+                                                        "outputs seen)")
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
@@ -91,6 +94,8 @@ class TaskOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     error: ErrorInfo | None
+    warning: str | None = Field(None, description="set on creation when no worker is live: the task stays queued "
+                                                  "until one starts")
 
 
 class TaskList(BaseModel):
@@ -101,8 +106,8 @@ class TaskList(BaseModel):
 
 
 class PredictRequest(Strict):
-    inputs: list[str] = Field(min_length=1)
-    options: list[list[str]] | None = Field(None, description="per-input options (multiple choice tasks)")
+    inputs: list[Text] = Field(min_length=1)
+    options: list[list[Text]] | None = Field(None, description="per-input options (multiple choice tasks)")
 
 
 class PredictionOut(BaseModel):

@@ -3,6 +3,12 @@
 The examples live in the job payload only; RQ deletes the job (and so the examples) when it ends
 (result_ttl=0, short failure_ttl). A task cancelled or deleted while its job runs is noticed at the next
 dev evaluation and stops; its vector is never written.
+
+A job that can never succeed is not retried: a task whose payload is invalid (the engine refuses it, or a text
+UTF-8 cannot encode) is marked failed before training, and an error that the same input would raise again
+(INPUT_ERRORS) marks the task failed instead of raising. In a batch of several tasks such an error sends each
+task through on its own, so that one bad task fails only itself. Only what may pass on another attempt (a
+worker that died, a timeout, Redis away) raises and is retried.
 """
 
 from __future__ import annotations
@@ -24,10 +30,15 @@ from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import metrics
 from service.core_sharing import share_cores
 from service.redis_connection import connect
+from service.safe_text import unencodable_at
 from service.task_store import TaskStatus, TaskStore
 from workers.runtime import load_runtime, process_settings
 
 log = logging.getLogger(__name__)
+
+INPUT_ERRORS = (UnicodeError, ValueError, TypeError)
+"""Errors that training the same input raises every time (a tokenizer refusing a text, a shape it cannot
+take): the task fails at once, without retries."""
 
 
 def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
@@ -71,9 +82,15 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
     batch: list[tuple[str, Task]] = []
     for tid, payload in [(task_id, task), *_claim_peers(store, task_id, training, settings.worker_batch_tasks - 1)]:
         try:
-            batch.append((tid, Task.from_dict(payload)))
+            parsed = Task.from_dict(payload)
         except IPTError as exc:
             store.mark_failed(tid, "invalid_task", str(exc))
+            continue
+        problem = unencodable_text(parsed)
+        if problem is not None:
+            store.mark_failed(tid, "invalid_task", problem)
+            continue
+        batch.append((tid, parsed))
     if not batch:
         return {"task_id": task_id, "status": "failed"}
     batch = [(tid, t) for tid, t in batch if store.mark_running(tid, config.total_steps)]
@@ -93,24 +110,47 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
                 store.set_progress(ids[index], step, entry.get("dev"), entry)
         return stop
 
-    share_cores(store.r, settings)
-    try:
-        tasks = [t for _, t in batch]
+    def train(indices: list[int]) -> list[Any]:
+        tasks = [batch[i][1] for i in indices]
         # what learning gains is shown against the bare model: its dev score, measured once per task
-        for tid, score in zip(ids, evaluate(runtime.backbone, tasks, None, "dev"), strict=True):
-            store.set_bare_dev_score(tid, score)
+        for i, score in zip(indices, evaluate(runtime.backbone, tasks, None, "dev"), strict=True):
+            store.set_bare_dev_score(ids[i], score)
         starts = None
         if runtime.known_vectors is not None and config.optimizer is ISTOptimizer.GAUSS_NEWTON:
             starts = start_candidates(runtime.subspace.config.d_intrinsic, runtime.known_vectors)
-        results = tune(runtime.backbone, tasks, runtime.subspace.proj_b, config, start_candidates=starts,
-                       on_evaluate=on_evaluate)
+
+        def on_evaluate_of(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
+            stop = on_evaluate(step, {indices[j]: entry for j, entry in entries.items()})
+            return [indices.index(i) for i in stop]
+
+        return list(tune(runtime.backbone, tasks, runtime.subspace.proj_b, config, start_candidates=starts,
+                         on_evaluate=on_evaluate_of))
+
+    share_cores(store.r, settings)
+    results: list[Any] = []
+    try:
+        results = train(list(range(len(batch))))
     except IPTError as exc:
         for tid in ids:
             store.mark_failed(tid, type(exc).__name__, str(exc))
         return {"task_id": task_id, "status": "failed"}
+    except INPUT_ERRORS as exc:
+        if len(ids) == 1:
+            log.warning("IST of task %s raised %s: the task fails, without retries", task_id, type(exc).__name__)
+            store.mark_failed(task_id, "invalid_input", _input_error_message(exc))
+            return {"task_id": task_id, "status": "failed"}
+        log.warning("IST of %d tasks raised %s: each is tried on its own", len(ids), type(exc).__name__)
+        for i, tid in enumerate(ids):
+            try:
+                results += train([i])
+            except (IPTError, *INPUT_ERRORS) as own:
+                store.mark_failed(tid, "invalid_input", _input_error_message(own))
+                results.append(None)
     outcome = {}
     for tid, result in zip(ids, results, strict=True):
-        if result.error == STOPPED_BY_REQUEST:
+        if result is None:
+            outcome[tid] = "failed"
+        elif result.error == STOPPED_BY_REQUEST:
             outcome[tid] = "stopped"
         elif result.error is not None:
             store.mark_failed(tid, "non_finite_loss", result.error)
@@ -121,6 +161,24 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         if tid != task_id:
             delete_queued_job(store.r, tid)  # a claimed peer's own job (and its examples) is no longer needed
     return {"task_id": task_id, "status": outcome.get(task_id, "skipped"), "batch": outcome}
+
+
+def _input_error_message(exc: BaseException) -> str:
+    return f"training cannot use this task's examples ({type(exc).__name__}: {str(exc)[:300]}); create it again"
+
+
+def unencodable_text(task: Task) -> str | None:
+    """Why a task cannot be trained because a text of it is not valid Unicode (a lone surrogate), or None."""
+    texts = [("name", task.name), *(("label", label) for label in task.labels or ())]
+    for split, examples in (("train", task.train), ("dev", task.dev)):
+        for n, e in enumerate(examples):
+            texts += [(f"{split} example {n}", t) for t in (e.input, e.output, *(e.options or ()))]
+    for where, text in texts:
+        at = unencodable_at(text)
+        if at is not None:
+            return (f"the {where} holds a lone UTF-16 surrogate (U+{ord(text[at]):04X}) at character {at}; "
+                    "create the task again with valid Unicode text")
+    return None
 
 
 def ist_settings(training: dict[str, Any]) -> ISTSettings:
