@@ -201,7 +201,8 @@ def train_prompts(backbone: Backbone, tasks: Sequence[Task], params: PromptParam
             dev_losses = mean_dev_losses(backbone, [tasks[i] for i in idx], prompts) if config.dev_loss else None
         scores = evaluate(backbone, [tasks[i] for i in idx], prompts, "dev", max_new_tokens=config.max_new_tokens)
         history.append({"step": step, "loss": loss, "dev": sum(scores) / len(scores)})
-        log.info("%s step %d: loss %.4f, mean dev %.4f over %d task(s)", description, step, loss,
+        train_loss = "no train loss yet" if step == 0 else f"loss {loss:.4f}"  # step 0 evaluates before training
+        log.info("%s step %d: %s, mean dev %.4f over %d task(s)", description, step, train_loss,
                  history[-1]["dev"], len(idx))
         table = params.task_table if params.per_task else None
         for j, i in enumerate(idx):
