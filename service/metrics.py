@@ -19,3 +19,4 @@ MODEL_LOAD = Gauge("ipt_model_load_duration_seconds", "Time to load the backbone
 IST_JOBS = Counter("ipt_ist_jobs_total", "IST jobs finished, by outcome", ["outcome"])
 IST_DURATION = Histogram("ipt_ist_job_duration_seconds", "IST job wall time",
                          buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800))
+LIVE_WORKERS = Gauge("ipt_live_workers", "Workers of this API's queue whose heartbeat is recent (0: tasks wait)")

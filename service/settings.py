@@ -38,7 +38,15 @@ class Settings(BaseSettings):
     vector_dtype: Literal["float16", "float32"] = Field(
         "float16", description="how a trained z is stored: float16 halves a task's memory and changes no prediction "
                                "in the tests; float32 keeps every bit (either is read back)")
-    worker_metrics_port: int | None = Field(9101, description="port of a worker's /metrics (None: off)")
+    worker_metrics_port: int | None = Field(9101, description="port of a worker's /metrics (None or 0: off)")
+    worker_metrics_host: str = Field("0.0.0.0", description="address a worker's /metrics listens on; `ipt serve` "
+                                                            "sets it to the API's --host unless this is set")
+    worker_heartbeat_interval_s: float = Field(5.0, gt=0, description="how often a worker says it is live")
+    worker_heartbeat_ttl_s: float = Field(20.0, gt=0, description="a worker silent this long counts as gone "
+                                                                  "(/readyz, POST /tasks warnings)")
+    shutdown_grace_s: float = Field(30.0, gt=0, description="`ipt serve`: seconds from SIGTERM/SIGINT until every "
+                                    "child process (worker, embedded Redis) is gone; a running job is stopped "
+                                    "when it does not finish in time (it is retried at the next start)")
     redis_connect_timeout_s: float = Field(2.0, gt=0, description="the API gives up connecting to Redis after this")
     redis_socket_timeout_s: float = Field(5.0, gt=0, description="the API gives up on a Redis command after this")
     redis_retries: int = Field(2, ge=0, description="the API's retries of a Redis command on a connection error, "

@@ -12,6 +12,7 @@ from rq.job import Job
 
 from service import metrics
 from service.task_store import TaskStore
+from service.worker_liveness import live_workers
 
 router = APIRouter(tags=["health"])
 
@@ -25,13 +26,20 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
+NO_WORKER = ("no live worker: tasks are accepted but stay queued until a worker starts (a worker beats every few "
+             "seconds; see IPT_WORKER_HEARTBEAT_TTL_S)")
+
+
 @router.get("/readyz", responses={503: {"description": "not ready (same body), with Retry-After"}})
 def readyz(request: Request, response: Response) -> dict[str, object]:
-    """Ready when the model and Proj_b are loaded and Redis answers; 503 otherwise."""
+    """503 until the model and Proj_b are loaded and Redis answers. Once ready, `workers` is the number of live
+    workers; with none, the answer is still 200 (predictions work, and an autoscaler may start workers on
+    demand) but `degraded` is true and `reason` says that new tasks will wait."""
     state = request.app.state
     checks: dict[str, object] = {"model": state.runtime is not None}
     try:
         checks["redis"] = bool(state.store.r.ping())
+        checks["workers"] = live_workers(state.store.r, state.settings.queue_name)
     except Exception as exc:  # any connection error means not ready
         checks["redis"] = False
         checks["redis_error"] = type(exc).__name__
@@ -39,7 +47,12 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         response.headers["Retry-After"] = "5"
-    return {"status": "ready" if ready else "not ready", **checks}
+        return {"status": "not ready", **checks}
+    degraded = checks.get("workers") == 0
+    body: dict[str, object] = {"status": "degraded" if degraded else "ready", "degraded": degraded, **checks}
+    if degraded:
+        body["reason"] = NO_WORKER
+    return body
 
 
 @router.get("/metrics", response_class=PlainTextResponse)  # documents text/plain
@@ -51,6 +64,7 @@ def prometheus_metrics(request: Request) -> Response:
         metrics.QUEUE_OLDEST_AGE.set(oldest_waiting_job_age_seconds(queue, state.store))
         for name, count in state.store.count_by_status().items():
             metrics.TASKS_BY_STATUS.labels(name).set(count)
+        metrics.LIVE_WORKERS.set(live_workers(state.store.r, state.settings.queue_name))
     except Exception:  # metrics must still answer while Redis is down
         pass
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
