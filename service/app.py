@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.auth import auth_mode
 from service.core_sharing import BusyMarker
 from service.errors import register_error_handlers
 from service.load_shedding import Inflight, InflightLimit
 from service.predictor import MicroBatcher, PromptCache
 from service.redis_connection import connect
+from service.request_metrics import RequestMetrics
 from service.routes import health, tasks
 from service.settings import Settings
 from service.task_store import TaskStore
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.warning("%s", auth_mode(settings))  # at warning level: shown whatever the log configuration
         app.state.store = TaskStore(connect(settings, fail_fast=True))
         app.state.prompt_cache = PromptCache(settings.prompt_cache_size)
         app.state.batcher = None
@@ -113,19 +115,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(health.router)
     app.include_router(tasks.router)
     register_error_handlers(app)
-    # middleware added later wraps what was added before: BodySizeLimit -> record_metrics -> InflightLimit,
-    # so that shed requests (503, route "unmatched") are counted in the metrics too
+    # middleware added later wraps what was added before: RequestMetrics -> BodySizeLimit -> InflightLimit, so
+    # that every answer is counted: refused bodies (413), shed requests (503) and unhandled errors (500) too
     app.add_middleware(InflightLimit, inflight=app.state.inflight)
-
-    @app.middleware("http")
-    async def record_metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        metrics.HTTP_LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
-
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: before anything reads
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # before anything reads the body
+    app.add_middleware(RequestMetrics, routes=app.router.routes)
     return app
