@@ -43,16 +43,15 @@ def get_cache(request: Request) -> PromptCache:
     return request.app.state.prompt_cache
 
 
-def limit_creates(request: Request, tenant: Annotated[str, Depends(get_tenant)],
-                  store: Annotated[TaskStore, Depends(get_store)]) -> None:
-    """The tenant's quota of POST /tasks (429 + Retry-After beyond it)."""
+def limit_creates(request: Request, tenant: str, store: TaskStore) -> None:
+    """Count one POST /tasks against the tenant's quota (429 + Retry-After beyond it). Called by the route once
+    the request is valid, so that rejected requests use up nothing."""
     s: Settings = request.app.state.settings
     FixedWindowLimiter("create", s.rate_limit_create_per_window, s.rate_limit_window_s).hit(store.r, tenant)
 
 
-def limit_predicts(request: Request, tenant: Annotated[str, Depends(get_tenant)],
-                   store: Annotated[TaskStore, Depends(get_store)]) -> None:
-    """The tenant's quota of predict requests (429 + Retry-After beyond it)."""
+def limit_predicts(request: Request, tenant: str, store: TaskStore) -> None:
+    """Count one predict request against the tenant's quota (429 + Retry-After beyond it), once it is valid."""
     s: Settings = request.app.state.settings
     FixedWindowLimiter("predict", s.rate_limit_predict_per_window, s.rate_limit_window_s).hit(store.r, tenant)
 

@@ -10,7 +10,8 @@ soft prompt. Keys:
     ipt:tenant:{owner}:tasks sorted set of the owner's task ids by creation time
     ipt:tenant:{owner}:active set of the owner's task ids that may still be queued or running (pruned
                              when counted, so a final or deleted task leaves it at the next count)
-    ipt:idem:{sha256(owner, key)} task id created under an Idempotency-Key (24 h)
+    ipt:idem:{sha256(owner, key)} "{task id}:{sha256 of the request}" created under an Idempotency-Key (24 h;
+                             a value written before requests were fingerprinted is the task id alone)
     ipt:stats:tasks_by_status hash status -> number of tasks, kept in step with every transition (so /metrics
                              never scans the keyspace); rebuilt atomically when it lacks its `_counted` mark
 `version` grows each time a vector is written, so caches keyed by (id, version) never serve a stale
@@ -152,6 +153,20 @@ class TaskRecord:
         )
 
 
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key already used by this owner for a request with another body."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+
+def _idem_value(raw: bytes) -> tuple[str, str | None]:
+    """(task id, request fingerprint or None) of a stored Idempotency-Key value."""
+    task_id, _, fingerprint = raw.decode().partition(":")
+    return task_id, fingerprint or None
+
+
 class TaskStore:
     """Task metadata and vectors over one Redis connection (decode_responses must be off).
 
@@ -169,9 +184,11 @@ class TaskStore:
 
     # ------------------------------------------------------------------------------------- create, read
     def create(self, owner: str, name: str, kind: str, labels: list[str] | None, d_intrinsic: int,
-               artifact_id: str, idempotency_key: str | None = None) -> tuple[TaskRecord, bool]:
+               artifact_id: str, idempotency_key: str | None = None,
+               fingerprint: str = "") -> tuple[TaskRecord, bool]:
         """Create a queued task; returns (record, created). With an Idempotency-Key already used by this
-        owner, returns the task created then and created=False."""
+        owner, returns the task created then and created=False, or raises IdempotencyKeyReused when that
+        request's `fingerprint` (a digest of its body) differs from this one's."""
         task_id = uuid.uuid4().hex
         now = now_s()
         mapping = {"owner": owner, "name": name, "kind": kind, "status": TaskStatus.QUEUED.value,
@@ -186,13 +203,17 @@ class TaskStore:
         if idempotency_key:
             # the task exists before the key points at it, so a concurrent request never sees a dangling key
             idem = self._idempotency_key(owner, idempotency_key)
-            if not self.r.set(idem, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            value = f"{task_id}:{fingerprint}"
+            if not self.r.set(idem, value, nx=True, ex=IDEMPOTENCY_TTL_S):
                 existing = self.r.get(idem)
-                earlier = self.get(existing.decode(), owner) if existing else None
+                earlier_id, earlier_fingerprint = _idem_value(existing) if existing else ("", None)
+                earlier = self.get(earlier_id, owner) if earlier_id else None
                 if earlier is not None:
                     self.delete(task_id, owner)
+                    if earlier_fingerprint is not None and earlier_fingerprint != fingerprint:
+                        raise IdempotencyKeyReused(earlier.id)
                     return earlier, False
-                self.r.set(idem, task_id, ex=IDEMPOTENCY_TTL_S)  # the earlier task was deleted
+                self.r.set(idem, value, ex=IDEMPOTENCY_TTL_S)  # the earlier task was deleted
         record = self.get(task_id)
         assert record is not None
         return record, True
@@ -206,10 +227,18 @@ class TaskStore:
     def _active_key(owner: str) -> str:
         return f"ipt:tenant:{owner}:active"
 
-    def idempotent_task(self, owner: str, idempotency_key: str) -> TaskRecord | None:
-        """The owner's task created earlier under this Idempotency-Key, if it still exists."""
+    def idempotent_task(self, owner: str, idempotency_key: str,
+                        fingerprint: str = "") -> TaskRecord | None:
+        """The owner's task created earlier under this Idempotency-Key, if it still exists; raises
+        IdempotencyKeyReused when that request's fingerprint differs from `fingerprint`."""
         existing = self.r.get(self._idempotency_key(owner, idempotency_key))
-        return self.get(existing.decode(), owner) if existing else None
+        if not existing:
+            return None
+        task_id, earlier_fingerprint = _idem_value(existing)
+        record = self.get(task_id, owner)
+        if record is not None and earlier_fingerprint is not None and earlier_fingerprint != fingerprint:
+            raise IdempotencyKeyReused(record.id)
+        return record
 
     def active_count(self, owner: str) -> int:
         """How many of the owner's tasks are queued or running; tasks that ended or were deleted leave the

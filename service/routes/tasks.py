@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 
 import numpy as np
 import redis
 import torch
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from rq import Callback, Queue, Retry
@@ -28,6 +30,8 @@ from service.deps import (
 from service.errors import error_responses
 from service.predictor import Item
 from service.rate_limit import RateLimited
+from service.routes.health import NO_WORKER
+from service.safe_text import clean_text
 from service.schemas import (
     ErrorInfo,
     PredictionOut,
@@ -42,7 +46,8 @@ from service.schemas import (
     TaskOut,
 )
 from service.settings import Settings
-from service.task_store import TaskRecord, TaskStatus
+from service.task_store import IdempotencyKeyReused, TaskRecord, TaskStatus
+from service.worker_liveness import live_workers
 from workers.jobs import delete_queued_job
 
 log = logging.getLogger(__name__)
@@ -59,12 +64,15 @@ def task_out(r: TaskRecord) -> TaskOut:
     history = [ProgressPoint(step=int(h.get("step") or 0), train_loss=h.get("train_loss"), dev_loss=h.get("dev_loss"),
                              dev_score=h.get("dev"), z_norm=h.get("norm"), seconds=h.get("seconds"))
                for h in r.progress_history]
-    return TaskOut(id=r.id, name=r.name, kind=r.kind, status=r.status.value, labels=r.labels,
+    # clean_text: a task stored before text was validated must not make its views fail to encode
+    return TaskOut(id=r.id, name=clean_text(r.name), kind=r.kind, status=r.status.value,
+                   labels=[clean_text(label) for label in r.labels] if r.labels else r.labels,
                    d_intrinsic=r.d_intrinsic, progress=Progress(step=r.progress_step, total=r.progress_total,
                                                                 dev_score=r.progress_dev, history=history),
                    dev_score=r.dev_score, bare_dev_score=r.bare_dev_score, note=learning_note(r), steps=r.steps,
                    created_at=r.created_at, started_at=r.started_at, finished_at=r.finished_at,
-                   error=ErrorInfo(**r.error) if r.error else None)
+                   error=ErrorInfo(code=clean_text(str(r.error.get("code", ""))),
+                                   message=clean_text(str(r.error.get("message", "")))) if r.error else None)
 
 
 def learning_note(r: TaskRecord) -> str | None:
@@ -100,6 +108,16 @@ def _build_task(body: TaskCreate) -> Task:
     train = [Example(e.input, e.output, tuple(e.options) if e.options else None) for e in body.train]
     dev = [Example(e.input, e.output, tuple(e.options) if e.options else None) for e in body.dev or []]
     kind = TaskKind(body.kind) if body.kind else infer_kind(train + dev)
+    # fields another kind would use are refused rather than silently ignored
+    if body.labels is not None and kind is not TaskKind.CLASSIFICATION:
+        raise HTTPException(422, f"'labels' are for classification tasks; this task is {kind.value}: leave them out"
+                                 + (" (give 'options' on each example instead)"
+                                    if kind is TaskKind.MULTIPLE_CHOICE else ""))
+    with_options = [i for i, e in enumerate(body.train + (body.dev or [])) if e.options is not None]
+    if with_options and kind is not TaskKind.MULTIPLE_CHOICE:
+        raise HTTPException(422, f"'options' on examples are for multiple-choice tasks; this task is {kind.value} "
+                                 f"({len(with_options)} example(s) have options): leave them out, or send "
+                                 "kind 'multiple_choice' with options on every example")
     labels = body.labels
     if kind is TaskKind.CLASSIFICATION and not labels:
         labels = sorted({e.output for e in train + dev})
@@ -109,26 +127,53 @@ def _build_task(body: TaskCreate) -> Task:
         raise HTTPException(422, str(exc)) from None
 
 
+def request_fingerprint(body: TaskCreate) -> str:
+    """A digest of what a create request asks for (the validated body, defaults filled in, key order and
+    whitespace aside): an Idempotency-Key reused with another fingerprint is a conflict."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _key_reused(key: str, task_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_409_CONFLICT,
+                         f"Idempotency-Key {key!r} was already used, within the last 24 h, for another request body "
+                         f"(task {task_id}); send a new key for a new request, or the same body to get that task")
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut,
-             responses=error_responses(400, 401, 413, 422, 429, 503), dependencies=[Depends(limit_creates)])
+             responses=error_responses(400, 401, 409, 413, 422, 429, 503))
 def create_task(body: TaskCreate, request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                 tenant: TenantDep, runtime: RuntimeDep,
                 idempotency_key: str | None = Header(None, max_length=200)) -> TaskOut:
-    """Validate the examples, store the task as `queued` and enqueue its IST job (examples travel in the job only)."""
+    """Validate the examples, store the task as `queued` and enqueue its IST job (examples travel in the job only).
+
+    Only a request that creates a task counts against the tenant's create quota: one refused as invalid, or a
+    retry answered with the task its Idempotency-Key created, does not. The same Idempotency-Key with another body is a
+    409. With no live worker the task is still queued, and `warning` says it will wait."""
     _check_limits(body, settings)
     task = _build_task(body)
     if task.labels and len(task.labels) > settings.max_options:
         raise _too_large(f"{len(task.labels)} labels exceed the limit of {settings.max_options} options per task")
-    if idempotency_key and (earlier := store.idempotent_task(tenant, idempotency_key)) is not None:
-        response.headers["Location"] = f"/tasks/{earlier.id}"
-        return task_out(earlier)  # a retried request: its task, even when the tenant is at its cap
+    fingerprint = request_fingerprint(body)
+    if idempotency_key:
+        try:
+            earlier = store.idempotent_task(tenant, idempotency_key, fingerprint)
+        except IdempotencyKeyReused as exc:
+            raise _key_reused(idempotency_key, exc.task_id) from None
+        if earlier is not None:
+            response.headers["Location"] = f"/tasks/{earlier.id}"
+            return task_out(earlier)  # a retried request: its task, even when the tenant is at its cap
     cap = settings.max_active_tasks_per_tenant
     if cap and store.active_count(tenant) >= cap:
         raise RateLimited(f"{cap} tasks of this tenant are queued or running, the limit; retry when one has "
                           "finished", ACTIVE_TASKS_RETRY_AFTER_S)
+    limit_creates(request, tenant, store)
     d_i = runtime.subspace.config.d_intrinsic
-    record, created = store.create(tenant, task.name, task.kind.value, list(task.labels) if task.labels else None,
-                                   d_i, runtime.artifact_id, idempotency_key)
+    try:
+        record, created = store.create(tenant, task.name, task.kind.value, list(task.labels) if task.labels else None,
+                                       d_i, runtime.artifact_id, idempotency_key, fingerprint)
+    except IdempotencyKeyReused as exc:  # a concurrent request with the same key and another body won
+        raise _key_reused(str(idempotency_key), exc.task_id) from None
     if created:
         training = body.training.model_dump()
         training["max_steps"] = min(training["max_steps"], settings.max_ist_steps)
@@ -139,7 +184,11 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
                       on_failure=Callback("workers.jobs.on_job_failure"),
                       retry=Retry(max=settings.job_retries) if settings.job_retries else None)
     response.headers["Location"] = f"/tasks/{record.id}"
-    return task_out(record)
+    out = task_out(record)
+    if out.status == TaskStatus.QUEUED.value and live_workers(store.r, settings.queue_name) == 0:
+        log.warning("task %s queued with no live worker on queue %s", record.id, settings.queue_name)
+        out.warning = NO_WORKER
+    return out
 
 
 TaskId = PathParam(pattern=r"^[0-9a-f]{32}$", description="a task id as returned by POST /tasks")
@@ -183,11 +232,14 @@ def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Re
 
 
 @router.post("/{task_id}/predict", response_model=PredictResponse,
-             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503), dependencies=[Depends(limit_predicts)])
+             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503))
 async def predict_task(body: PredictRequest, request: Request, store: StoreDep, tenant: TenantDep,
                        settings: SettingsDep, runtime: RuntimeDep, batcher: BatcherDep,
                        cache: CacheDep, task_id: str = TaskId) -> PredictResponse:
-    """Answer each input; option tasks also give the probability of each option. 409 until trained."""
+    """Answer each input; option tasks also give the probability of each option. 409 until trained.
+
+    Each input is validated on its own before it joins a batch (text, length, options), and a batch that fails
+    is answered row by row (service/predictor.py): one bad input never fails another request's rows."""
     record = await run_in_threadpool(_owned, store, tenant, task_id)
     try:  # a worker on this machine steps down to its share of the cores (service/core_sharing.py)
         request.app.state.busy_marker.mark(store.r)
@@ -213,6 +265,7 @@ async def predict_task(body: PredictRequest, request: Request, store: StoreDep, 
             raise _too_large(f"an option exceeds the limit of {settings.max_text_chars} characters")
     elif body.options is not None:
         raise HTTPException(422, f"'options' are for multiple-choice tasks; this task is {kind.value}")
+    await run_in_threadpool(limit_predicts, request, tenant, store)  # only requests that will be answered count
     stored = await run_in_threadpool(store.vector, task_id)
     if stored is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}")
@@ -224,7 +277,8 @@ async def predict_task(body: PredictRequest, request: Request, store: StoreDep, 
             return runtime.subspace.decode(zt)[0]
 
     prompt = await run_in_threadpool(cache.get_or_compute, task_id, version, compute)
-    head = TaskHead(record.name, kind, tuple(record.labels) if record.labels else None)
+    head = TaskHead(clean_text(record.name), kind,
+                    tuple(clean_text(label) for label in record.labels) if record.labels else None)
     items = [Item((task_id, version), head, prompt,
                   Example(text, "", tuple(body.options[i]) if body.options else None))
              for i, text in enumerate(body.inputs)]
@@ -259,5 +313,5 @@ def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le
     for cosine, other in scored[:k]:
         r = store.get(other, tenant)
         if r is not None:
-            out.append(SimilarTask(id=other, name=r.name, cosine=cosine))
+            out.append(SimilarTask(id=other, name=clean_text(r.name), cosine=cosine))
     return SimilarResponse(task_id=task_id, similar=out)

@@ -3,6 +3,7 @@ backbone with a random subspace, the real app served by uvicorn on loopback, and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -124,6 +125,13 @@ def wait_until_ready(srv: uvicorn.Server, base: str, timeout: float = 180) -> No
         if time.time() > deadline:
             raise RuntimeError("the app did not become ready")
         time.sleep(0.1)
+
+
+def post_json(client: httpx.Client, path: str, body: object, **kw: object) -> httpx.Response:
+    """POST `body` as JSON the way any JSON encoder may write it: non-ASCII escaped, so that a lone surrogate
+    travels as `\\ud800` (httpx's own encoder refuses it) and NaN / Infinity as their literals."""
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}  # type: ignore[dict-item]
+    return client.post(path, content=json.dumps(body).encode("ascii"), headers=headers, **kw)  # type: ignore[arg-type]
 
 
 def client_for(base: str, key: str | None) -> httpx.Client:

@@ -16,7 +16,7 @@ import redis
 from service.rate_limit import FixedWindowLimiter, RateLimited
 from service.redis_connection import connect
 from service.settings import Settings, hash_api_key
-from tests.service.conftest import client_for, run_worker_burst, running_app
+from tests.service.conftest import client_for, post_json, run_worker_burst, running_app
 from tests.service.test_api import task_body
 
 WINDOW_S = 3600  # long windows: a window boundary inside a test would reset the counts
@@ -47,10 +47,14 @@ def _assert_429(r: httpx.Response, limit_text: str) -> None:
 def test_task_creation_is_rate_limited_per_tenant(env_settings: Settings) -> None:
     settings, keys = _fresh_tenants(env_settings, rate_limit_create_per_window=3, max_active_tasks_per_tenant=0)
     with _app(settings, keys) as (carol, dave):
+        rejected = [{"name": "invalid"}, task_body(name="bad\ud800"), task_body(name="gen", kind="generation",
+                                                                                 labels=["a"])]
+        for body in rejected * 2:  # 6 rejected requests use up none of the 3 creations
+            assert post_json(carol, "/tasks", body).status_code == 422
         for i in range(3):
             assert carol.post("/tasks", json=task_body(name=f"rl_{i}")).status_code == 202
         _assert_429(carol.post("/tasks", json=task_body(name="rl_3")), "at most 3 create requests per 3600 s")
-        assert carol.post("/tasks", json={"name": "invalid"}).status_code == 429  # counted before validation
+        assert carol.post("/tasks", json={"name": "invalid"}).status_code == 422  # validated before counted
         assert dave.post("/tasks", json=task_body(name="rl_other")).status_code == 202  # another tenant
         assert carol.get("/tasks").status_code == 200  # reads are not limited by the create quota
 
@@ -61,6 +65,8 @@ def test_predictions_are_rate_limited_per_tenant(env_settings: Settings) -> None
         mine = carol.post("/tasks", json=task_body(name="rl_predict")).json()["id"]
         theirs = dave.post("/tasks", json=task_body(name="rl_predict")).json()["id"]
         run_worker_burst(settings)
+        for body in ({"inputs": ["x\ud800"]}, {"inputs": []}, {"inputs": ["x"], "options": [["a", "b"]]}):
+            assert post_json(carol, f"/tasks/{mine}/predict", body).status_code == 422  # not counted
         for _ in range(2):
             assert carol.post(f"/tasks/{mine}/predict", json={"inputs": ["x"]}).status_code == 200
         _assert_429(carol.post(f"/tasks/{mine}/predict", json={"inputs": ["x"]}), "at most 2 predict requests")
