@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,45 +34,41 @@ def _settings(subspace: Path | None) -> Settings:
 
 @app.command()
 def serve(host: Host = "127.0.0.1", port: Port = 8000, subspace: Subspace = None,
-          open_mode: Annotated[bool, typer.Option("--open/--no-open", help="no API keys (local use)")] = True) -> None:
-    """Everything in one command: an embedded Redis (unless REDIS_URL is set), one worker and the API."""
-    from service.app import create_app
-    from service.redis_connection import connect
+          open_mode: Annotated[bool | None, typer.Option(
+              "--open/--no-open", help="serve requests without an API key as tenant 'public' (default: open only "
+                                       "when no IPT_API_KEYS are configured; IPT_OPEN_MODE=true/false decides too)",
+              show_default=False)] = None) -> None:
+    """Everything in one command: an embedded Redis (unless IPT_REDIS_URL or REDIS_URL is set), one worker and
+    the API. SIGTERM or Ctrl-C stops all three within IPT_SHUTDOWN_GRACE_S; a second one forces the exit."""
+    from service.auth import auth_mode
+    from service.serve import serve_all
 
     settings = _settings(subspace)
-    settings.open_mode = open_mode or settings.open_mode
-    connection = connect(settings)  # starts the embedded Redis and points settings.redis_url at it
-    env = {**os.environ, "IPT_REDIS_URL": str(settings.redis_url), "IPT_SUBSPACE": str(settings.subspace)}
-    if settings.torch_threads is None:
-        # API and worker in one machine: both taking every core thrash when both work (IST ran ~4x slower while
-        # the API predicted). The worker takes every core while the API is idle and half while it predicts
-        # (service/core_sharing.py); the API keeps the other half.
-        cores = os.cpu_count() or 2
-        env["IPT_TORCH_THREADS"] = str(cores)
-        env["IPT_WORKER_THREADS_WHEN_API_BUSY"] = str(max(1, cores // 2))
-        settings.torch_threads = max(1, cores - cores // 2)
-    worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env)
-    console.print(f"worker pid {worker.pid}; Redis at {settings.redis_url}; API on http://{host}:{port} "
-                  f"(docs at /docs){' - open mode, no API key needed' if settings.open_mode else ''}")
-    try:
-        uvicorn.run(create_app(settings), host=host, port=port)
-    finally:
-        worker.terminate()  # SIGTERM: warm shutdown, the current job finishes
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        del connection
+    settings.open_mode = serve_open_mode(settings, open_mode)
+    console.print(auth_mode(settings))
+    raise typer.Exit(serve_all(settings, host, port, say=console.print))
+
+
+def serve_open_mode(settings: Settings, flag: bool | None) -> bool:
+    """`ipt serve`'s mode: --open / --no-open when given, else IPT_OPEN_MODE when set, else open exactly when no
+    API key is configured (local use needs no key; configured keys mean they are required)."""
+    if flag is not None:
+        return flag
+    if "open_mode" in settings.model_fields_set:
+        return settings.open_mode
+    return not settings.api_keys
 
 
 @app.command()
 def api(host: Host = "0.0.0.0", port: Port = 8000, subspace: Subspace = None) -> None:
     """The API alone (Kubernetes): needs IPT_REDIS_URL; workers run separately."""
     from service.app import create_app
+    from service.auth import auth_mode
 
     settings = _settings(subspace)
     if not settings.redis_url and not os.environ.get("REDIS_URL"):
         raise typer.BadParameter("`ipt api` needs IPT_REDIS_URL; use `ipt serve` for the all-in-one embedded mode")
+    console.print(auth_mode(settings))
     uvicorn.run(create_app(settings), host=host, port=port)
 
 

