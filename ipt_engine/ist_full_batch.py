@@ -56,18 +56,35 @@ class TrainObjective:
     def loss_name(self) -> str:
         return "option cross-entropy" if self.options is not None else "token NLL"
 
-    def _row_losses(self, z_rows: Tensor, start: int) -> Tensor:
-        """Per-row losses [k] of rows start..start+k, row j with the prompt Proj_b(z_rows[j]) (z_rows [k, d_I])."""
-        chunk = self.pairs[start:start + z_rows.shape[0]]
+    def _row_losses(self, z_rows: Tensor, start: int | Sequence[int]) -> Tensor:
+        """Per-row losses [k], row j with the prompt Proj_b(z_rows[j]) (z_rows [k, d_I]), of rows start..start+k
+        or of the row indices `start` (a sequence of k indices)."""
+        rows = range(start, start + z_rows.shape[0]) if isinstance(start, int) else list(start)
+        chunk = [self.pairs[i] for i in rows]
         prompts, sources = self.proj_b(z_rows), [p.source for p in chunk]
         if self.options is None:
             ll, count = self.backbone.target_log_likelihood(prompts, sources, [p.target for p in chunk])
             return -(ll / count.clamp(min=1))
-        options = self.options[start:start + z_rows.shape[0]]
+        options = [self.options[i] for i in rows]
         sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options)
         scores = (sums / counts.clamp(min=1)).split([len(o) for o in options])
-        gold = self.gold[start:start + z_rows.shape[0]]
+        gold = [self.gold[i] for i in rows]
         return torch.stack([-s.log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
+
+    def spread_rows(self, count: int) -> list[int]:
+        """`count` row indices spread evenly over the train set (all rows when it has no more): a cheap sample
+        that still covers every part of a train set given in order (e.g. grouped by label)."""
+        n = self.num_rows
+        if count >= n:
+            return list(range(n))
+        return sorted({i * n // count for i in range(count)})
+
+    @torch.no_grad()
+    def losses_at(self, z: Tensor, rows: Sequence[int]) -> Tensor:
+        """Losses [len(rows)] at z [d_I] of the given train rows (no gradient)."""
+        z = z.detach().to(self.backbone.device)
+        return torch.cat([self._row_losses(z.expand(len(rows[s:s + self.chunk]), -1), rows[s:s + self.chunk])
+                          .float().cpu() for s in range(0, len(rows), self.chunk)])
 
     @torch.no_grad()
     def row_losses(self, z: Tensor, max_rows: int | None = None) -> Tensor:

@@ -103,17 +103,25 @@ def test_each_task_gets_what_it_gets_alone(tiny_causal: Backbone, proj_b: ProjB)
 
 
 def test_the_start_is_the_candidate_with_the_lowest_train_loss(tiny_causal: Backbone, proj_b: ProjB) -> None:
-    task = make_task("gen", TaskKind.GENERATION, n=8)
+    task = make_task("gen", TaskKind.GENERATION, n=10)  # 8 train rows
     objective = TrainObjective(tiny_causal, task, proj_b)
     candidates = torch.randn(5, 4, generator=torch.Generator().manual_seed(3)) * 3
-    losses = [float(objective.row_losses(c, 3).mean()) for c in candidates]
+    rows = objective.spread_rows(4)
+    assert rows == [0, 2, 4, 6]  # spread over the 8 rows, not the first 4
+    losses = [float(objective.row_losses(c)[rows].mean()) for c in candidates]
     best = min(range(5), key=losses.__getitem__)
-    assert torch.equal(choose_start(objective, candidates, 3), candidates[best])
-    assert torch.equal(choose_start(objective, candidates.flip(0), 3), candidates[best])
-    (r,) = gauss_newton_subspace_tune(tiny_causal, [task], proj_b, GaussNewtonConfig(max_iterations=1, start_rows=3,
+    assert torch.equal(choose_start(objective, candidates, 4, keep=5), candidates[best])
+    assert torch.equal(choose_start(objective, candidates.flip(0), 4, keep=5), candidates[best])
+    # with more candidates than `keep`, a first round on a quarter of the rows keeps the best `keep` of them:
+    # the winner is the best of those survivors on all the rows
+    first = objective.spread_rows(2)
+    survivors = sorted(range(5), key=lambda i: float(objective.row_losses(candidates[i])[first].mean()))[:2]
+    winner = min(survivors, key=losses.__getitem__)
+    assert torch.equal(choose_start(objective, candidates, 4, keep=2), candidates[winner])
+    (r,) = gauss_newton_subspace_tune(tiny_causal, [task], proj_b, GaussNewtonConfig(max_iterations=1, start_rows=4,
                                                                                      max_new_tokens=4),
                                       start_candidates=candidates)
-    assert r.history[0]["norm"] == pytest.approx(float(candidates[best].norm()), abs=1e-5)
+    assert r.history[0]["norm"] == pytest.approx(float(choose_start(objective, candidates, 4).norm()), abs=1e-5)
 
 
 def test_the_hook_sees_every_evaluation_and_can_stop_a_task(tiny_causal: Backbone, proj_b: ProjB) -> None:
