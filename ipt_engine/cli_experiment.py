@@ -24,13 +24,15 @@ console = Console(stderr=True)
 def run(config: Annotated[str, typer.Argument(help="config name (smoke, paper-small) or YAML path")],
         run_dir: Annotated[Path | None, typer.Option(help="run directory (default runs/<config name>)")] = None,
         pool: Annotated[Path | None, typer.Option(help="task pool directory (default: the cache's pool)")] = None,
+        until: Annotated[str, typer.Option(help="'unseen': stop after the unseen tasks (PT, MSF, controls, IST) "
+                                                "and write a partial summary; 'all': every stage")] = "all",
         ) -> None:
     """Run every stage; stages and chunks already in the run directory are reused, so a rerun resumes."""
     logging.getLogger("ipt_engine").setLevel(logging.INFO)
     cfg = load_config(config)
     out = run_dir or Path("runs") / cfg.name
     pool_dir = pool or (Path(cfg.pool) if cfg.pool else default_pool_dir())
-    summary = run_experiment(cfg, out, pool_dir, command="ipt " + shlex.join(sys.argv[1:]))
+    summary = run_experiment(cfg, out, pool_dir, command="ipt " + shlex.join(sys.argv[1:]), until=until)
     console.print(f"run complete: {out / 'summary.json'}")
     for line in headline_lines(summary):
         console.print(line)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.evaluation import evaluate
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import Task
 from ipt_engine.training import PromptParameters, TrainConfig, TrainResult, train_prompts
@@ -71,27 +70,22 @@ class MSFResult:
     subspace: IntrinsicSubspace  # best-dev Proj (if any) and Proj_b, on CPU
     task_vectors: Tensor  # [T, d_I]: Proj(P_i), or the jointly trained z_i of the no-Proj variant
     train: TrainResult
-    warmup_dev_scores: list[float] | None = None  # per task, Proj_b(Proj(P_i)) after the reconstruction warm-up
-    # alone (before any joint LM step); None without a warm-up or when not asked for
 
 
 def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig, subspace_config: SubspaceConfig,
                   *, task_prompts: Tensor | None = None, alpha: float = DEFAULT_ALPHA,
-                  z_init_std: float = 0.01, recon_warmup_steps: int = 0, recon_warmup_lr: float = 1e-3,
-                  score_warmup: bool = False) -> MSFResult:
+                  z_init_std: float = 0.01, recon_warmup_steps: int = 0, recon_warmup_lr: float = 1e-3
+                  ) -> MSFResult:
     """Run MSF. With Proj (default) `task_prompts` [T, n, d] are the tasks' PT prompts; without Proj
     (`subspace_config.with_proj=False`) they are not needed.
 
     `recon_warmup_steps` > 0 (with Proj only) first fits Proj and Proj_b to the reconstruction loss alone,
     full batch, which needs no PLM forward: thousands of such steps cost less than one LM step on a CPU, so
-    the joint steps start from an autoencoder of the prompts instead of from random weights. `score_warmup`
-    also scores every task's dev set with the warmed-up reconstruction, so that a study can say what the joint
-    LM steps add."""
+    the joint steps start from an autoencoder of the prompts instead of from random weights."""
     if subspace_config.d_model != backbone.hidden_size:
         raise ValueError(f"subspace d_model={subspace_config.d_model} but the backbone has d={backbone.hidden_size}")
     torch.manual_seed(config.seed)
     subspace = IntrinsicSubspace(subspace_config)
-    warmup_scores: list[float] | None = None
     params: PromptParameters
     if subspace_config.with_proj:
         if task_prompts is None:
@@ -102,8 +96,6 @@ def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig
         params = ReconstructedPrompts(subspace, task_prompts, alpha)
         if recon_warmup_steps:
             fit_reconstruction(subspace, task_prompts, recon_warmup_steps, recon_warmup_lr)
-            if score_warmup:
-                warmup_scores = _dev_scores(backbone, tasks, subspace, task_prompts, config.max_new_tokens)
     else:
         params = JointVectors(subspace, len(tasks), z_init_std, config.seed)
     params = params.to(backbone.device)
@@ -114,15 +106,7 @@ def find_subspace(backbone: Backbone, tasks: Sequence[Task], config: TrainConfig
             vectors = subspace.encode(params.task_prompts.cpu())
         else:
             vectors = params.z_table.detach().cpu()
-    return MSFResult(subspace, vectors.detach().clone(), result, warmup_scores)
-
-
-@torch.no_grad()
-def _dev_scores(backbone: Backbone, tasks: Sequence[Task], subspace: IntrinsicSubspace, task_prompts: Tensor,
-                max_new_tokens: int) -> list[float]:
-    """Each task's dev score with its reconstructed prompt Proj_b(Proj(P_i)) [T, n, d]."""
-    prompts = subspace.reconstruct(task_prompts.float().to(next(subspace.parameters()).device))
-    return evaluate(backbone, tasks, prompts.to(backbone.device), "dev", max_new_tokens=max_new_tokens)
+    return MSFResult(subspace, vectors.detach().clone(), result)
 
 
 def fit_reconstruction(subspace: IntrinsicSubspace, prompts: Tensor, steps: int, learning_rate: float = 1e-3) -> float:

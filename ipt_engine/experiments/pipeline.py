@@ -260,15 +260,17 @@ class ExperimentRun:
         def run() -> Any:
             return find_subspace(self.backbone, tasks, cfg.msf.train_config(cfg.data_seed, cfg.max_new_tokens),
                                  sub_cfg, task_prompts=prompts, alpha=cfg.alpha,
-                                 recon_warmup_steps=cfg.msf_recon_warmup_steps,
-                                 score_warmup=cfg.msf_recon_warmup_steps > 0)
+                                 recon_warmup_steps=cfg.msf_recon_warmup_steps)
 
         result = self._timed("msf", run)
         summary: dict[str, Any] = {"mean_dev_score": result.train.mean_dev_score, "steps": result.train.steps}
-        if result.warmup_dev_scores is not None:
-            # what the joint LM steps add: dev with the reconstruction warm-up alone vs after the joint steps
-            summary["warmup_mean_dev_score"] = mean(result.warmup_dev_scores)
-            summary["warmup_dev"] = dict(zip(self.train_names, result.warmup_dev_scores, strict=True))
+        # what the joint LM steps add: MSF's own first dev evaluation (step 0) scores the prompts before any
+        # joint step, i.e. the reconstruction warm-up alone (or Proj_b's initialisation without a warm-up)
+        start = {t.name: r.history[0]["dev"] for t, r in zip(tasks, result.train.tasks, strict=True)
+                 if r.history and r.history[0]["step"] == 0}
+        if len(start) == len(tasks):
+            summary["warmup_mean_dev_score"] = mean(start.values())
+            summary["warmup_dev"] = start
             summary["dev"] = {t.name: r.dev_score for t, r in zip(tasks, result.train.tasks, strict=True)}
         if prompts is not None:
             summary["reconstruction_mse"] = reconstruction_error(result.subspace, prompts)
@@ -409,8 +411,18 @@ def random_proj_b(config: SubspaceConfig, seed: int) -> ProjB:
         return ProjB(config)
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, command: str = "") -> dict[str, Any]:
-    """Run (or resume) every stage, then write summary.json; returns the summary."""
+UNTIL = ("unseen", "all")  # how far `run_experiment` goes: the unseen tasks (the headline) or every stage
+
+
+def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, command: str = "",
+                   until: str = "all") -> dict[str, Any]:
+    """Run (or resume) every stage, then write summary.json; returns the summary.
+
+    until="unseen" stops after the unseen tasks (PT, MSF, controls, IST in both subspaces at every d_I) and
+    writes a summary marked `"partial": "unseen"` without the seen challenges and the stability study, so that
+    a long run can be reported and its subspace exported before the rest is done; a later call resumes."""
+    if until not in UNTIL:
+        raise ValueError(f"until must be one of {UNTIL}, got {until!r}")
     cfg = config
     run = ExperimentRun(cfg, run_dir, pool_dir, command)
     log.info("experiment %s: %d train tasks, %d held-out tasks -> %s", cfg.name, len(run.train_names),
@@ -429,20 +441,23 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
         entry["unseen_tasks"], ist_vectors[d] = run.ist(d, artifact, "unseen_tasks")
         entry["random"]["unseen_tasks"], _ = run.ist(d, artifact, "unseen_tasks", random_subspace=True)
         per_d[str(d)] = entry
-    pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.seen_ist_names, cfg.unseen_data_seed,
-                                          cfg.stability_seeds[0])
-    for d, artifact in artifacts.items():
-        entry = per_d[str(d)]
-        entry["recon"] = run.reconstruction(d, artifact, prompts_main)
-        for challenge in CHALLENGES[:2]:
-            entry[challenge], _ = run.ist(d, artifact, challenge)
-            entry["random"][challenge], _ = run.ist(d, artifact, challenge, random_subspace=True)
-
     is_learnable = learnable(pt_main, baselines, all_names, cfg.data_seed)
-    learnable_unseen_data = learnable(pt_unseen_data, baselines, run.seen_ist_names, cfg.unseen_data_seed)
     d_choice = choose_d(per_d, pt_main, is_learnable, run.test_names)
     best_d = d_choice["d"]
-    stability = _stability(run, cfg, best_d, ist_vectors[best_d], pt_main, is_learnable)
+    pt_unseen_data: dict[str, Any] = {}
+    stability: dict[str, Any] | None = None
+    if until == "all":
+        pt_unseen_data, _ = run.prompt_tuning("unseen-data", run.seen_ist_names, cfg.unseen_data_seed,
+                                              cfg.stability_seeds[0])
+        for d, artifact in artifacts.items():
+            entry = per_d[str(d)]
+            entry["recon"] = run.reconstruction(d, artifact, prompts_main)
+            for challenge in CHALLENGES[:2]:
+                entry[challenge], _ = run.ist(d, artifact, challenge)
+                entry["random"][challenge], _ = run.ist(d, artifact, challenge, random_subspace=True)
+        stability = _stability(run, cfg, best_d, ist_vectors[best_d], pt_main, is_learnable)
+    learnable_unseen_data = learnable(pt_unseen_data, baselines, run.seen_ist_names, cfg.unseen_data_seed) \
+        if pt_unseen_data else {}
     summary = {
         "config": cfg.to_dict(), "train_tasks": run.train_names, "test_tasks": run.test_names,
         "seen_ist_tasks": run.seen_ist_names, "no_second_draw": run.no_second_draw,
@@ -453,6 +468,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, pool_dir: Path, comm
         "per_d": per_d, "best_d": best_d, "d_choice": d_choice, "stability": stability,
         "timings": json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {},
     }
+    if until != "all":
+        summary["partial"] = until
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

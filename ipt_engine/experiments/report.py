@@ -203,6 +203,9 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
              f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{run_dir}` by "
              f"`ipt experiment report`. Every number below is read from the run directory. Aggregates read "
              f"`value [95% bootstrap interval over tasks] (k = tasks counted)`.", ""]
+    if summary.get("partial"):
+        lines += [f"**Partial run** (`--until {summary['partial']}`): the seen-task challenges, the reconstruction "
+                  "scores and the stability study have not run yet; their sections are absent.", ""]
     command = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else "n/a"
     all_names = sorted(set(summary["train_tasks"]) | set(summary["test_tasks"]))
     filtered = [n for n in all_names if not summary["learnable"][n]]
@@ -250,7 +253,7 @@ def write_report(run_dir: Path, out: Path | None = None, notes: Path | None = No
     lines += controls_section(summary)
     lines += family_section(summary)
     lines += msf_section(summary)
-    lines += _stability_section(summary)
+    lines += _stability_section(summary) if summary.get("stability") else []
     lines += _levers_section(run_dir, summary)
     if plot is not None:
         lines += ["## Intrinsic vectors (PCA)", "", f"![PCA of intrinsic vectors]({plot.name})", "",
@@ -390,8 +393,8 @@ def _appendix(summary: dict[str, Any], ds: list[int]) -> list[str]:
     for name in [*summary["train_tasks"], *summary["test_tasks"]]:
         pt = summary["pt"]["main"][name]
         challenge = "seen_same_data" if name in summary["train_tasks"] else "unseen_tasks"
-        ist = [pct(summary["per_d"][str(d)][challenge].get(name, {}).get("test")) for d in ds]
-        recon = summary["per_d"][str(ds[-1])]["recon"].get(name)
+        ist = [pct(summary["per_d"][str(d)].get(challenge, {}).get(name, {}).get("test")) for d in ds]
+        recon = summary["per_d"][str(ds[-1])].get("recon", {}).get(name)
         lines.append(f"| {name} | {summary['kinds'][name]} | {pct(summary['baselines'][f'{name}@{seed}'])} | "
                      f"{pct(pt['dev'])} | {pct(pt['test'])} | {'yes' if summary['learnable'][name] else 'no'} | "
                      + " | ".join(ist) + f" | {pct(recon)} | "

@@ -50,7 +50,8 @@ def method_scores(summary: dict[str, Any], d: str, challenge: str, method: str) 
         return dict(entry["recon"]) if method == "ist" and entry.get("recon") else None
     names = set(challenge_names(summary, challenge))
     if method == "ist":
-        return {n: r["test"] for n, r in entry[challenge].items() if n in names}
+        runs = entry.get(challenge)  # absent from a partial run (`ipt experiment run --until unseen`)
+        return {n: r["test"] for n, r in runs.items() if n in names} if runs is not None else None
     if method == "random":
         runs = entry.get("random", {}).get(challenge)
         return {n: r["test"] for n, r in runs.items() if n in names} if runs else None
@@ -96,6 +97,8 @@ def headline_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for challenge in CHALLENGE_TITLES:
         pt, _ = reference_of(summary, challenge)
         for d in summary["per_d"]:
+            if method_scores(summary, d, challenge, "ist") is None:
+                continue  # the challenge did not run (a partial run): no controls either
             for method in METHOD_TITLES:
                 scores = method_scores(summary, d, challenge, method)
                 if scores is None:

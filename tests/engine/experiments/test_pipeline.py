@@ -123,7 +123,18 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
                               "msf_recon_warmup_steps": 20, "stability_seeds": [0, 1], "d_intrinsic": [2],
                               "stability_tasks": 1, "ist": newton})
     run_dir = tmp_path / "run"
+    # a partial run: the unseen tasks only, reported and marked as such; the full run then resumes from it
+    partial = run_experiment(cfg, run_dir, pool_dir, until="unseen")
+    assert partial["partial"] == "unseen" and partial["stability"] is None and not partial["pt"]["unseen-data"]
+    assert set(partial["per_d"]["2"]) == {"msf", "z0", "random", "unseen_tasks"}
+    assert not (run_dir / "pt" / "unseen-data").exists() and not (run_dir / "ipt_pt").exists()
+    text = write_report(run_dir).read_text()
+    assert "**Partial run**" in text and "## Stability" not in text and "### seen tasks" not in text
+    assert "### unseen tasks" in text and "## Does the MSF subspace beat its controls?" in text
+    timings = json.loads((run_dir / "timings.json").read_text())
     summary = run_experiment(cfg, run_dir, pool_dir)
+    assert "partial" not in summary
+    assert json.loads((run_dir / "timings.json").read_text())["msf"] == timings["msf"]  # MSF was not redone
     # the stability study on `stability_tasks` of the unseen tasks; IST by Gauss-Newton (iterations, history)
     assert len(summary["stability"]["per_task"]) == 1
     assert set(summary["stability"]["per_task"]) < set(summary["test_tasks"])
