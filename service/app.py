@@ -119,5 +119,5 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     # that every answer is counted: refused bodies (413), shed requests (503) and unhandled errors (500) too
     app.add_middleware(InflightLimit, inflight=app.state.inflight)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # before anything reads the body
-    app.add_middleware(RequestMetrics, routes=app.router.routes)
+    app.add_middleware(RequestMetrics, fastapi_app=app)
     return app

@@ -108,7 +108,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Anything unexpected: logged with its traceback, answered as a JSON 500 that names nothing internal."""
     log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "internal error; it was logged"}, status_code=500)
+    # Connection: close, because the server closes this connection once the error has propagated to it: a
+    # client reusing it would get a reset instead of an answer to its next request
+    return JSONResponse({"detail": "internal error; it was logged"}, status_code=500, headers={"Connection": "close"})
 
 
 def register_error_handlers(app: FastAPI) -> None:

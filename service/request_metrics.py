@@ -11,9 +11,11 @@ template of the app (also for /docs and /openapi.json, and for a known path with
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
-from starlette.routing import BaseRoute, Match
+from fastapi import FastAPI
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -25,16 +27,17 @@ CLIENT_GONE = "499"
 """Status label of a request the client abandoned before any answer (nginx's convention), not a 5xx."""
 
 
-def route_label(scope: Scope, routes: list[BaseRoute]) -> str:
-    """The route template that serves this request's path, else "unmatched"."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
+def route_label(scope: Scope, templates: list[tuple[re.Pattern[str], str]]) -> str:
+    """The route template that serves this request's path (as routing set it, else by matching the path
+    against the app's templates: a request answered before routing, a 413 or a shed 503, has none), else
+    "unmatched"."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str) and path:
         return path
-    for candidate in routes:
-        match, _ = candidate.matches(scope)
-        if match is not Match.NONE:  # FULL, or PARTIAL: the path is a route's, the method is not
-            return str(getattr(candidate, "path", UNMATCHED_ROUTE))
+    request_path = str(scope.get("path", ""))
+    for regex, template in templates:
+        if regex.match(request_path):
+            return template
     return UNMATCHED_ROUTE
 
 
@@ -44,9 +47,22 @@ def method_label(scope: Scope) -> str:
 
 
 class RequestMetrics:
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI) -> None:
         self.app = app
-        self.routes = routes
+        self.fastapi_app = fastapi_app
+        self._templates: list[tuple[re.Pattern[str], str]] = []
+        self._templates_of = -1
+
+    def templates(self) -> list[tuple[re.Pattern[str], str]]:
+        """(regex, template) of every route: the OpenAPI paths (included routers too) and the app's own routes
+        (/docs, /openapi.json, routes left out of the schema); rebuilt when routes are added."""
+        routes = self.fastapi_app.router.routes
+        if self._templates_of != len(routes):
+            paths = {p for r in routes if isinstance(p := getattr(r, "path", None), str) and p}
+            paths |= set(self.fastapi_app.openapi().get("paths", {}))
+            self._templates = [(compile_path(p)[0], p) for p in sorted(paths)]
+            self._templates_of = len(routes)
+        return self._templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +86,6 @@ class RequestMetrics:
             status = "500"  # the client gets a 500 (or a broken response, if one had started)
             raise
         finally:
-            method, route = method_label(scope), route_label(scope, self.routes)
+            method, route = method_label(scope), route_label(scope, self.templates())
             metrics.HTTP_REQUESTS.labels(method, route, status or CLIENT_GONE).inc()
             metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - start)
