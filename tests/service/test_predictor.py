@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from ipt_engine.backbone import Backbone
@@ -83,3 +84,35 @@ def test_items_already_waiting_fill_the_batch_without_waiting(tiny_causal: Backb
         return batcher.sizes
 
     assert asyncio.run(scenario()) == [32, 8]
+
+
+def test_a_poisoned_row_fails_only_itself(tiny_causal: Backbone) -> None:
+    """A row the model cannot take (a lone surrogate reaches the tokenizer, as an input that bypassed the API's
+    validation would), batched with good rows of the same task and of another: the good rows are answered as
+    if alone, only the poisoned row gets an error; through the micro-batcher, only its request fails."""
+    batcher = MicroBatcher(_runtime(tiny_causal), max_size=32, max_wait_s=0.05)
+    cls = TaskHead("sentiment", TaskKind.CLASSIFICATION, ("positive", "negative"))
+    prompt = torch.randn(2, tiny_causal.hidden_size)
+    good = [Item(("a", 1), cls, prompt, Example(text, "")) for text in ("the movie was great", "it was awful")]
+    other = Item(("b", 1), cls, torch.randn(2, tiny_causal.hidden_size), Example("fine", ""))
+    poisoned = Item(("a", 1), cls, prompt, Example("bad \ud800 row", ""))
+    with pytest.raises((UnicodeError, TypeError, ValueError)):  # the row does fail on its own
+        batcher._run_batch([poisoned])
+    results = batcher.run_batch([good[0], poisoned, other, good[1]])
+    assert isinstance(results[1], Exception)
+    for got, item in zip((results[0], results[2], results[3]), (good[0], other, good[1]), strict=True):
+        (alone,) = batcher.run_batch([item])
+        assert not isinstance(got, BaseException) and got.output == alone.output
+
+    async def concurrent() -> list[object]:
+        batcher.start()
+        try:
+            return await asyncio.gather(batcher.submit(good), batcher.submit([poisoned]), batcher.submit([other]),
+                                        return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    answered_good, failed, answered_other = asyncio.run(concurrent())
+    assert isinstance(failed, Exception)
+    assert isinstance(answered_good, list) and len(answered_good) == 2
+    assert isinstance(answered_other, list) and len(answered_other) == 1
