@@ -114,6 +114,7 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
 
     shutdown = Shutdown()
     shutdown.install()
+    code = 0
     embedded: EmbeddedRedis | None = None
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -133,7 +134,7 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
             env["IPT_WORKER_THREADS_WHEN_API_BUSY"] = str(max(1, cores // 2))
             settings.torch_threads = max(1, cores - cores // 2)
         if shutdown.requested:
-            return 0
+            return 0  # a signal during start-up (the cleanup below still runs)
         worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
         _watch_worker(worker, shutdown)
@@ -147,8 +148,7 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
         server.run()
         if not shutdown.requested and not server.started:
             log.error("the API could not start (is port %d free?)", port)
-            return 1
-        return FORCED_EXIT_CODE if shutdown.forced.is_set() else 0
+            code = 1
     finally:
         began = shutdown.started_at or time.monotonic()
         deadline = began + settings.shutdown_grace_s
@@ -158,6 +158,7 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
             remaining = max(0.5, deadline - time.monotonic())
             embedded.stop(timeout_s=2.0 if shutdown.forced.is_set() else remaining)
         log.info("ipt serve stopped in %.1f s", time.monotonic() - began)
+    return FORCED_EXIT_CODE if shutdown.forced.is_set() else code
 
 
 def _watch_worker(worker: subprocess.Popen[bytes], shutdown: Shutdown) -> None:
