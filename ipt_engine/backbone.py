@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ipt_engine.device import pick_device, resolve_dtype
 from ipt_engine.errors import InputTruncatedWarning
 from ipt_engine.model_loading import LoadInfo, is_default_backbone, load_pretrained, load_smollm2
+from ipt_engine.prompt_kv import PromptKV
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,13 @@ class OptionScores:
             return self.log_likelihoods / self.num_tokens.clamp(min=1)
         return self.log_likelihoods
 
-    def probabilities(self, length_normalized: bool = True) -> Tensor:
-        """A distribution over the options: softmax of the ranking scores. [num_options]"""
-        return torch.softmax(self.scores(length_normalized), dim=0)
+    def probabilities(self) -> Tensor:
+        """The model's belief over the options: the probability of each option's whole token sequence,
+        renormalised over the options, i.e. softmax of the total log-likelihoods. [num_options]
+
+        The ranking (`scores`, `best`) is length-normalised by default, so a long option is not penalised for
+        its length; where the two disagree the answer is the ranking's, and the API returns both."""
+        return torch.softmax(self.log_likelihoods, dim=0)
 
     def best(self, length_normalized: bool = True) -> int:
         return int(self.scores(length_normalized).argmax())
@@ -155,18 +160,20 @@ class Backbone:
         return self._log_likelihood(prompts, rows)
 
     @torch.no_grad()
-    def score_options(self, prompts: Tensor | None, sources: Sequence[str],
-                      options: Sequence[Sequence[str]]) -> list[OptionScores]:
+    def score_options(self, prompts: Tensor | None, sources: Sequence[str], options: Sequence[Sequence[str]], *,
+                      prompt_kv: PromptKV | None = None) -> list[OptionScores]:
         """Rank classification: the log-likelihood of every option of every row (no gradient).
 
         Args:
             prompts: [batch, n, d] or None. sources: batch strings. options: per row, its option texts
                 (formatted as targets, i.e. with the leading space `to_text_pair` gives).
+            prompt_kv: instead of `prompts` (causal LMs), the rows' prompts already run through the model
+                (`prompt_kv(prompts)`, batch rows); only the sources and options are computed.
         Returns:
             per row, an OptionScores over its options. All (row, option) pairs are sorted by length and
             packed into forward passes of at most `max_batch_tokens` tokens.
         """
-        sums, counts = self.option_log_likelihoods(prompts, sources, options)
+        sums, counts = self.option_log_likelihoods(prompts, sources, options, prompt_kv=prompt_kv)
         out: list[OptionScores] = []
         start = 0
         for opts in options:
@@ -176,16 +183,16 @@ class Backbone:
         return out
 
     def option_log_likelihoods(self, prompts: Tensor | None, sources: Sequence[str],
-                               options: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+                               options: Sequence[Sequence[str]], *, prompt_kv: PromptKV | None = None
+                               ) -> tuple[Tensor, Tensor]:
         """The log-likelihood of every option of every row, differentiable with respect to `prompts`.
 
         Returns (sums [P], token counts [P]) over the P (row, option) pairs, row after row (CPU, float32 and
         int64). Causal LMs run each row's prompt and source once and score its options on the shared cache.
         """
-        self._check_prompts(prompts, len(sources))
+        n = self._check_prompt_inputs(prompts, prompt_kv, len(sources))
         if len(options) != len(sources):
             raise ValueError(f"{len(sources)} sources but options for {len(options)} rows")
-        n = 0 if prompts is None else prompts.shape[1]
         empty = [i for i, opts in enumerate(options) if not opts]
         if empty:
             raise ValueError(f"rows {empty[:10]} have no answer options to score")
@@ -200,25 +207,53 @@ class Backbone:
                 s, _ = self._log_likelihood(prompts, [rows[k] for k in chunk])
                 sums = sums.index_put((torch.tensor(chunk),), s.float().cpu())
         else:
-            sums = self._score_shared_prefix(prompts, rows, n, sums)
+            sums = self._score_shared_prefix(prompts, rows, n, sums, prompt_kv)
         return sums, counts
 
     @torch.no_grad()
-    def generate(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int = 32) -> list[str]:
-        """Greedy decoding of each row's continuation. prompts: [batch, n, d] or None. Returns batch strings."""
-        self._check_prompts(prompts, len(sources))
+    def generate(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int = 32, *,
+                 prompt_kv: PromptKV | None = None) -> list[str]:
+        """Greedy decoding of each row's continuation. prompts: [batch, n, d] or None; or, instead (causal
+        LMs), `prompt_kv` with batch rows. Returns batch strings."""
+        n = self._check_prompt_inputs(prompts, prompt_kv, len(sources))
         if not sources:
             return []
-        n = 0 if prompts is None else prompts.shape[1]
         if self.is_encoder_decoder:
             emb, mask = self._encoder_inputs(prompts, [self._tokenize(i, s, [], n)[0].source
                                                        for i, s in enumerate(sources)])
             out = self.model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
             return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        return self._greedy_causal(prompts, sources, max_new_tokens)
+        return self._greedy_causal(prompts, sources, max_new_tokens, prompt_kv)
+
+    @torch.no_grad()
+    def prompt_kv(self, prompts: Tensor) -> PromptKV:
+        """Run soft prompts [batch, n, d] through the model once: their keys and values at every layer, to be
+        passed as `prompt_kv` to `score_options` and `generate` instead of the prompts (same scores, without
+        recomputing the prompt positions). Causal LMs only: a seq2seq encoder attends both ways, so there a
+        prompt's states depend on the input and cannot be cached."""
+        if self.is_encoder_decoder:
+            raise ValueError("a seq2seq backbone cannot cache its prompts: its encoder attends both ways, so the "
+                             "prompt's states depend on the input; pass the prompts instead")
+        self._check_prompts(prompts, prompts.shape[0])
+        emb = prompts.to(self.device, self.dtype)
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
+        _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+        return PromptKV.from_cache(cache)
 
     # ------------------------------------------------------------------------------------- internals
+    def _check_prompt_inputs(self, prompts: Tensor | None, prompt_kv: PromptKV | None, batch: int) -> int:
+        """Check prompts or their cache for `batch` rows; returns the prompt length n (0 without a prompt)."""
+        if prompt_kv is None:
+            self._check_prompts(prompts, batch)
+            return 0 if prompts is None else prompts.shape[1]
+        if prompts is not None:
+            raise ValueError("give the prompts or their cache (prompt_kv), not both")
+        if self.is_encoder_decoder:
+            raise ValueError("a seq2seq backbone cannot use a prompt cache; pass the prompts instead")
+        if prompt_kv.batch != batch:
+            raise ValueError(f"prompt_kv has {prompt_kv.batch} rows for {batch} inputs")
+        return prompt_kv.n_prompt
     def _check_prompts(self, prompts: Tensor | None, batch: int) -> None:
         if prompts is None:
             return
@@ -275,7 +310,8 @@ class Backbone:
             chunks.append(current)
         return chunks
 
-    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor) -> Tensor:
+    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor,
+                             prompt_kv: PromptKV | None = None) -> Tensor:
         """Causal LMs: run each row's prompt + source once and score all its options on the shared KV cache.
 
         A row with k options costs n + S + k * T tokens instead of k * (n + S + T). `rows` holds one entry
@@ -299,31 +335,42 @@ class Backbone:
                     and grown[2] * (grown[0] + grown[1]) <= self.max_batch_tokens)
             if chunk and not fits:
                 sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
-                                                                   for j in chunk}, n, sums)
+                                                                   for j in chunk}, n, sums, prompt_kv)
                 chunk, grown = [], (width, option_width, len(groups[i]))
             chunk.append(i)
             max_prefix, max_option, n_options = grown
         if chunk:
             sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
-                                                                      for j in chunk}, n, sums)
+                                                                      for j in chunk}, n, sums, prompt_kv)
         return sums
 
     def _score_prefix_chunk(self, prompts: Tensor | None, chunk: list[int], prefix: dict[int, list[int]],
-                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor) -> Tensor:
+                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor,
+                            prompt_kv: PromptKV | None = None) -> Tensor:
         ids, mask = self._pad([prefix[i] for i in chunk])
-        emb = self.model.get_input_embeddings()(ids)
-        if prompts is not None:
-            p = prompts.index_select(0, torch.tensor(chunk, device=prompts.device)).to(self.device, self.dtype)
-            emb = torch.cat([p, emb], dim=1)
-            mask = torch.cat([torch.ones(len(chunk), n, dtype=mask.dtype, device=self.device), mask], dim=1)
-        states, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+        prompt_mask = torch.ones(len(chunk), n, dtype=mask.dtype, device=self.device)
+        if prompt_kv is not None:
+            # the prompts' keys and values are given: run the sources only, at positions n.., after them
+            mask = torch.cat([prompt_mask, mask], dim=1)
+            positions = n + torch.arange(ids.shape[1], device=self.device).expand(len(chunk), -1)
+            states, cache = self._causal_states(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                                cache=prompt_kv.select(chunk).to_cache(), use_cache=True)
+            offset = 0  # states start at the first source token
+        else:
+            emb = self.model.get_input_embeddings()(ids)
+            if prompts is not None:
+                p = prompts.index_select(0, torch.tensor(chunk, device=prompts.device)).to(self.device, self.dtype)
+                emb = torch.cat([p, emb], dim=1)
+                mask = torch.cat([prompt_mask, mask], dim=1)
+            states, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+            offset = n
         lengths = torch.tensor([n + len(prefix[i]) for i in chunk], device=self.device)  # real prefix lengths
         pair_chunk_row = [c for c, i in enumerate(chunk) for _ in targets[i]]
         pair_index = [k for i in chunk for k, _ in targets[i]]
         pair_tokens = [t for i in chunk for _, t in targets[i]]
         rows_t = torch.tensor(pair_chunk_row, device=self.device)
         # first option token: predicted from the last real prefix position
-        last = states[torch.arange(len(chunk), device=self.device), lengths - 1]
+        last = states[torch.arange(len(chunk), device=self.device), lengths - 1 - n + offset]
         first_logp = self._to_logits(last).float().log_softmax(-1)
         first_tok = torch.tensor([t[0] for t in pair_tokens], device=self.device)
         total = first_logp[rows_t, first_tok]
@@ -431,12 +478,21 @@ class Backbone:
         token_logp = logits.float().log_softmax(-1).gather(2, labels[..., None]).squeeze(2) * label_mask
         return token_logp.sum(1), label_mask.sum(1)
 
-    def _greedy_causal(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int) -> list[str]:
+    def _greedy_causal(self, prompts: Tensor | None, sources: Sequence[str], max_new_tokens: int,
+                       prompt_kv: PromptKV | None = None) -> list[str]:
         # Layout per row (left padding): [pad...] [prompt] [source]; positions count real tokens only, so
-        # a row's tokens get the same positions as when it runs alone.
-        n = 0 if prompts is None else prompts.shape[1]
+        # a row's tokens get the same positions as when it runs alone. With the prompts' keys and values
+        # given: [prompt (cached)] [pad...] [source], the same positions and the same attended tokens.
+        n = prompt_kv.n_prompt if prompt_kv is not None else 0 if prompts is None else prompts.shape[1]
         rows = [self._tokenize(i, s, [], n, reserve=max_new_tokens)[0] for i, s in enumerate(sources)]
         ids, tok_mask = self._pad([r.source for r in rows], left=True)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        if prompt_kv is not None:
+            mask = torch.cat([torch.ones(len(rows), n, dtype=tok_mask.dtype, device=self.device), tok_mask], dim=1)
+            positions = n + (tok_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             cache=prompt_kv.to_cache(), use_cache=True, **extra)
+            return self._continue_greedy(out, mask, positions, len(rows), max_new_tokens, extra)
         tok_emb = self.model.get_input_embeddings()(ids)
         if prompts is None:
             emb, mask = tok_emb, tok_mask
@@ -451,10 +507,14 @@ class Backbone:
                                                                        device=self.device), tok_mask[i, pad:]]))
             emb, mask = torch.stack(parts), torch.stack(masks)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
         out = self.model(inputs_embeds=emb, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        generated = torch.empty((len(rows), 0), dtype=torch.long, device=self.device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        return self._continue_greedy(out, mask, positions, len(rows), max_new_tokens, extra)
+
+    def _continue_greedy(self, out: object, mask: Tensor, positions: Tensor, batch: int, max_new_tokens: int,
+                         extra: dict[str, int]) -> list[str]:
+        """Greedy steps after the first forward `out` (its logits and cache): one token per row per step."""
+        generated = torch.empty((batch, 0), dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
             next_tok = out.logits[:, -1].argmax(-1)
             if self._eos is not None:

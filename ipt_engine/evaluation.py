@@ -15,6 +15,7 @@ from torch import Tensor
 from ipt_engine.backbone import Backbone
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.metrics import compute_metric
+from ipt_engine.prompt_kv import PromptKV
 from ipt_engine.tasks import Example, Task, TaskHead
 
 DEFAULT_GENERATION_BATCH = 32
@@ -22,25 +23,35 @@ DEFAULT_GENERATION_BATCH = 32
 
 @dataclass(frozen=True)
 class Prediction:
-    """The answer to one input; for option tasks also the probability of each option."""
+    """The answer to one input; for option tasks also each option's probability and ranking score.
+
+    probabilities: softmax over the options of each option's total log-likelihood (`OptionScores.probabilities`).
+    scores: the ranking scores, mean log-likelihood per option token (or the total, without length
+        normalisation); `output` is the option with the highest score."""
 
     output: str
     options: tuple[str, ...] | None = None
     probabilities: tuple[float, ...] | None = None
+    scores: tuple[float, ...] | None = None
 
 
 def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequence[Sequence[Example]],
-            prompts: Tensor | None, *, max_new_tokens: int = 32, length_normalized: bool = True,
-            generation_batch: int = DEFAULT_GENERATION_BATCH) -> list[list[Prediction]]:
+            prompts: Tensor | None, *, prompt_kv: PromptKV | None = None, max_new_tokens: int = 32,
+            length_normalized: bool = True, generation_batch: int = DEFAULT_GENERATION_BATCH
+            ) -> list[list[Prediction]]:
     """Answer `examples[t]` of every task t with prompt `prompts[t]`.
 
     Args:
         prompts: [num_tasks, n, d], one soft prompt per task, or None for the bare PLM.
+        prompt_kv: instead of `prompts` (causal LMs), the tasks' prompts already run through the model
+            (`Backbone.prompt_kv`, one row per task): the same answers without recomputing the prompts.
     Returns:
         per task, one Prediction per example.
     """
     if prompts is not None and prompts.shape[0] != len(tasks):
         raise ValueError(f"{len(tasks)} tasks but {prompts.shape[0]} prompts")
+    if prompt_kv is not None and prompt_kv.batch != len(tasks):
+        raise ValueError(f"{len(tasks)} tasks but {prompt_kv.batch} cached prompts")
     flat = [(t, i) for t, exs in enumerate(examples) for i in range(len(exs))]
     results: list[list[Prediction | None]] = [[None] * len(exs) for exs in examples]
     option_rows = [(t, i) for t, i in flat if tasks[t].kind.has_options]
@@ -50,6 +61,9 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
         if prompts is None:
             return None
         return prompts.index_select(0, torch.tensor([t for t, _ in rows], device=prompts.device))
+
+    def rows_kv(rows: list[tuple[int, int]]) -> PromptKV | None:
+        return None if prompt_kv is None else prompt_kv.select([t for t, _ in rows])
 
     with torch.no_grad():
         if option_rows:
@@ -63,15 +77,17 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
                 sources.append(tasks[t].text_pair(ex).source)
                 options.append(opts)
             formatted = [[" " + o.strip() for o in opts] for opts in options]
-            scored = backbone.score_options(rows_prompts(option_rows), sources, formatted)
+            scored = backbone.score_options(rows_prompts(option_rows), sources, formatted,
+                                            prompt_kv=rows_kv(option_rows))
             for (t, i), opts, sc in zip(option_rows, options, scored, strict=True):
-                probs = sc.probabilities(length_normalized)
-                results[t][i] = Prediction(opts[int(probs.argmax())], tuple(opts),
-                                           tuple(float(p) for p in probs))
+                results[t][i] = Prediction(opts[sc.best(length_normalized)], tuple(opts),
+                                           tuple(float(p) for p in sc.probabilities()),
+                                           tuple(float(v) for v in sc.scores(length_normalized)))
         for start in range(0, len(gen_rows), generation_batch):
             chunk = gen_rows[start:start + generation_batch]
             sources = [tasks[t].text_pair(examples[t][i]).source for t, i in chunk]
-            texts = backbone.generate(rows_prompts(chunk), sources, max_new_tokens=max_new_tokens)
+            texts = backbone.generate(rows_prompts(chunk), sources, max_new_tokens=max_new_tokens,
+                                      prompt_kv=rows_kv(chunk))
             for (t, i), text in zip(chunk, texts, strict=True):
                 results[t][i] = Prediction(text)
     return [[p for p in per_task if p is not None] for per_task in results]

@@ -160,7 +160,8 @@ def dev_score_and_loss(backbone: Backbone, task: Task, prompt: Tensor, option_lo
         gold = [p.options.index(e.output.strip()) if p.options and e.output.strip() in p.options else None
                 for e, p in zip(task.dev, predictions, strict=True)]
         if all(g is not None for g in gold):
-            nll = [-math.log(max(p.probabilities[g], 1e-30)) for p, g in zip(predictions, gold, strict=True)]
+            # the train objective's cross-entropy: over the ranking scores (mean log-likelihood per token)
+            nll = [-float(torch.tensor(p.scores).log_softmax(0)[g]) for p, g in zip(predictions, gold, strict=True)]
             return score, sum(nll) / len(nll)
     return score, mean_dev_losses(backbone, [task], prompt)[0]
 

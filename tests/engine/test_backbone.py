@@ -84,7 +84,10 @@ def test_option_probabilities_are_a_distribution(tiny_backbone: Backbone) -> Non
     for s in scores:
         probs = s.probabilities()
         assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-5
-        assert s.best() == int(probs.argmax())
+        # the probability of each option's whole sequence, renormalised over the options
+        seq = s.log_likelihoods.double().exp()  # float64: totals of -200 nats still have a value
+        assert torch.allclose(probs.double(), seq / seq.sum(), atol=1e-6)
+        assert s.best() == int(s.scores().argmax()) and s.best(False) == int(probs.argmax())
         assert not torch.equal(s.scores(True), s.scores(False))  # option lengths differ
 
 

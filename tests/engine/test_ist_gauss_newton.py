@@ -5,7 +5,6 @@ the stop hook."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -55,7 +54,7 @@ def test_option_loss_is_the_cross_entropy_of_the_ranked_options(tiny_causal: Bac
     prompts = proj_b(z[None]).expand(6, -1, -1)
     sources = [p.source for p in objective.pairs]
     scored = tiny_causal.score_options(prompts, sources, [[" positive", " negative"]] * 6)
-    expected = [-math.log(float(s.probabilities()[0 if e.output == "positive" else 1]))
+    expected = [-float(s.scores().log_softmax(0)[0 if e.output == "positive" else 1])
                 for s, e in zip(scored, task.train, strict=True)]
     assert objective.row_losses(z).tolist() == pytest.approx(expected, abs=1e-5)
     # the dev loss is the same quantity on dev, read off the evaluation's own scores
@@ -64,8 +63,8 @@ def test_option_loss_is_the_cross_entropy_of_the_ranked_options(tiny_causal: Bac
     dev_scored = tiny_causal.score_options(proj_b(z[None]).expand(2, -1, -1), dev_sources,
                                            [[" positive", " negative"]] * 2)
     gold = [0 if e.output == "positive" else 1 for e in task.dev]
-    assert dev_loss == pytest.approx(sum(-math.log(float(s.probabilities()[g])) for s, g in zip(dev_scored, gold,
-                                                                                                 strict=True)) / 2)
+    assert dev_loss == pytest.approx(sum(-float(s.scores().log_softmax(0)[g]) for s, g in zip(dev_scored, gold,
+                                                                                              strict=True)) / 2)
     assert score == sum(int(s.best() == g) for s, g in zip(dev_scored, gold, strict=True)) / 2
 
 

@@ -127,3 +127,21 @@ def assert_float16_storage_keeps_predictions(bb: Backbone, target: Task, study: 
     print(f"float16 z: same {len(full)} answers, largest option-probability change {gap:.1e}")
     assert gap < 1e-2
 
+
+
+def test_prompt_cache_gives_the_same_scores_and_answers(real_backbone: Backbone) -> None:
+    """SmolLM2 with each task's prompt cached (keys and values of its 20 positions) scores options and greedy-
+    decodes exactly as with the prompt itself (to 1e-4), for a batch mixing three tasks' rows."""
+    per_task = torch.randn(3, 20, real_backbone.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    rows_task = [0, 1, 2, 1]
+    sources = ["Review: the battery died after a day\nSentiment:", "Is 17 prime?\nAnswer:", "Translate 'cat':",
+               "Topic of 'the striker scored twice':"]
+    options = [[" positive", " negative", " neutral"], [" yes", " no"], [" chat", " chien", " un chat noir"],
+               [" sports", " politics", " science and technology"]]
+    kv = real_backbone.prompt_kv(per_task).select(rows_task)
+    expected = real_backbone.score_options(per_task[rows_task], sources, options)
+    got = real_backbone.score_options(None, sources, options, prompt_kv=kv)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4), (e.log_likelihoods, g.log_likelihoods)
+    answers = real_backbone.generate(per_task[rows_task], sources, max_new_tokens=8)
+    assert real_backbone.generate(None, sources, max_new_tokens=8, prompt_kv=kv) == answers

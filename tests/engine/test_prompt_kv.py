@@ -1,0 +1,81 @@
+"""The prefix KV cache of soft prompts: scores and generations with a prompt's cached keys and values equal
+those with the prompt itself, for mixed batches of many tasks, options of different lengths and generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.prompt_kv import PromptKV
+
+SOURCES = ["the movie was great", "a long and winding review of a film that nobody liked", "ok", "so so"]
+OPTIONS = [[" positive", " negative"], [" yes", " no", " maybe not at all"], [" a", " bb bb bb"], [" x", " y"]]
+
+
+def _prompts(backbone: Backbone, tasks: int, n: int = 3, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tasks, n, backbone.hidden_size, generator=gen) * 0.5
+
+
+def test_option_scores_with_the_cache_equal_the_scores_with_the_prompts(tiny_causal: Backbone) -> None:
+    per_task = _prompts(tiny_causal, 3)
+    rows_task = [0, 2, 1, 2]  # rows of three tasks, mixed, one task twice
+    prompts = per_task[rows_task]
+    kv = tiny_causal.prompt_kv(per_task)  # once per task
+    assert kv.batch == 3 and kv.n_prompt == 3
+    expected = tiny_causal.score_options(prompts, SOURCES, OPTIONS)
+    got = tiny_causal.score_options(None, SOURCES, OPTIONS, prompt_kv=kv.select(rows_task))
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4)
+        assert torch.equal(e.num_tokens, g.num_tokens)
+    # per-task caches computed separately and stacked give the same as one batched computation
+    stacked = PromptKV.stack([tiny_causal.prompt_kv(per_task[i:i + 1]) for i in rows_task])
+    again = tiny_causal.score_options(None, SOURCES, OPTIONS, prompt_kv=stacked)
+    for e, g in zip(expected, again, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4)
+    # and a different prompt's cache gives different scores (the cache is used, not ignored)
+    other = tiny_causal.prompt_kv(_prompts(tiny_causal, 4, seed=1))
+    changed = tiny_causal.score_options(None, SOURCES, OPTIONS, prompt_kv=other)
+    assert not torch.allclose(changed[0].log_likelihoods, expected[0].log_likelihoods, atol=1e-4)
+
+
+def test_a_small_token_budget_gives_the_same_scores_with_the_cache(tiny_causal: Backbone) -> None:
+    prompts = _prompts(tiny_causal, 4)
+    kv = tiny_causal.prompt_kv(prompts)
+    expected = tiny_causal.score_options(prompts, SOURCES, OPTIONS)
+    budget = tiny_causal.max_batch_tokens
+    try:
+        tiny_causal.max_batch_tokens = 24  # a forward pass per row or two
+        got = tiny_causal.score_options(None, SOURCES, OPTIONS, prompt_kv=kv)
+    finally:
+        tiny_causal.max_batch_tokens = budget
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4)
+
+
+def test_generation_with_the_cache_equals_generation_with_the_prompts(tiny_causal: Backbone) -> None:
+    prompts = _prompts(tiny_causal, 4, seed=2) * 4
+    kv = tiny_causal.prompt_kv(prompts)
+    expected = tiny_causal.generate(prompts, SOURCES, max_new_tokens=6)
+    assert tiny_causal.generate(None, SOURCES, max_new_tokens=6, prompt_kv=kv) == expected
+    # one row alone, from a batch's cache
+    assert tiny_causal.generate(None, SOURCES[1:2], max_new_tokens=6, prompt_kv=kv.select([1])) == expected[1:2]
+
+
+def test_cache_sizes_and_refusals(tiny_causal: Backbone, tiny_seq2seq: Backbone) -> None:
+    prompts = _prompts(tiny_causal, 2)
+    kv = tiny_causal.prompt_kv(prompts)
+    config = tiny_causal.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_layer = 2 * 2 * config.num_key_value_heads * 3 * head_dim * 4  # keys + values, 2 rows, n = 3, fp32
+    assert kv.nbytes == per_layer * config.num_hidden_layers
+    assert [r.nbytes for r in kv.split()] == [kv.nbytes // 2] * 2
+    with pytest.raises(ValueError, match="not both"):
+        tiny_causal.score_options(prompts, SOURCES[:2], OPTIONS[:2], prompt_kv=kv)
+    with pytest.raises(ValueError, match="2 rows for 4 inputs"):
+        tiny_causal.generate(None, SOURCES, prompt_kv=kv)
+    with pytest.raises(ValueError, match="different shapes"):
+        PromptKV.stack([kv, tiny_causal.prompt_kv(_prompts(tiny_causal, 1, n=5))])
+    with pytest.raises(ValueError, match="seq2seq"):
+        tiny_seq2seq.prompt_kv(torch.zeros(1, 3, tiny_seq2seq.hidden_size))
