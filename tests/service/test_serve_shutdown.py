@@ -175,6 +175,18 @@ def test_a_second_sigterm_forces_the_exit(service_settings: Settings, tmp_path: 
         assert_nothing_left(serve, [serve.api_port, serve.metrics_port])
 
 
+def test_children_follow_an_ipt_serve_killed_outright(service_settings: Settings, tmp_path: Path) -> None:
+    """SIGKILL runs no cleanup: the kernel tells the worker and Redis (parent-death signal), which stop."""
+    with ipt_serve(service_settings, tmp_path) as serve:
+        assert len(serve.children()) == 3
+        serve.proc.kill()
+        serve.proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while marked(serve.marker, serve.data_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert_nothing_left(serve, [serve.api_port, serve.metrics_port])
+
+
 def test_open_mode_must_be_asked_for(service_settings: Settings, tmp_path: Path) -> None:
     """With keys configured, --open is the only way to serve requests without a key (as tenant 'public'), and
     the log says so; a wrong key is still a 401."""
