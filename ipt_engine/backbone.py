@@ -157,7 +157,19 @@ class Backbone:
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         n = 0 if prompts is None else prompts.shape[1]
         rows = [self._tokenize(i, s, [t], n)[0] for i, (s, t) in enumerate(zip(sources, targets, strict=True))]
-        return self._log_likelihood(prompts, rows)
+        order = sorted(range(len(rows)), key=lambda k: rows[k].length)
+        chunks = self._chunks(order, rows, n)
+        if len(chunks) <= 1:
+            return self._log_likelihood(prompts, rows)
+        # rows of very different lengths (tasks mixed in one batch): forward passes of similar lengths within the
+        # token budget, instead of padding every row to the longest
+        parts = [self._log_likelihood(prompts, [rows[k] for k in chunk]) for chunk in chunks]
+        inverse = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        inverse[torch.tensor([k for chunk in chunks for k in chunk], device=self.device)] = torch.arange(
+            len(rows), device=self.device)
+        sums = torch.cat([p[0] for p in parts]).index_select(0, inverse)
+        counts = torch.cat([p[1] for p in parts]).index_select(0, inverse)
+        return sums, counts
 
     @torch.no_grad()
     def score_options(self, prompts: Tensor | None, sources: Sequence[str], options: Sequence[Sequence[str]], *,

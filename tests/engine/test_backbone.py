@@ -192,3 +192,26 @@ def test_a_small_token_budget_gives_the_same_scores(tiny_causal: Backbone) -> No
                 torch.testing.assert_close(a.log_likelihoods, b.log_likelihoods, atol=1e-4, rtol=0)
     finally:
         tiny_causal.max_batch_tokens = budget
+
+
+def test_rows_of_mixed_lengths_train_in_length_sorted_passes(tiny_causal: Backbone) -> None:
+    """With a token budget smaller than the padded batch, target log-likelihoods (the training loss) come from
+    several forward passes of similar lengths: the same values and the same gradients as one padded pass."""
+    sources = ["a", "a much longer source sentence with many words in it", "mid length one", "b"]
+    targets = [" x", " a longer target", " y", " zz zz"]
+    base = _prompts(tiny_causal, 4, seed=6)
+    results = []
+    budget = tiny_causal.max_batch_tokens
+    try:
+        for small in (budget, 30):
+            tiny_causal.max_batch_tokens = small
+            prompts = base.clone().requires_grad_(True)
+            ll, count = tiny_causal.target_log_likelihood(prompts, sources, targets)
+            (ll * torch.arange(1, 5)).sum().backward()  # a different weight per row: rows must not be swapped
+            results.append((ll.detach(), count, prompts.grad))
+    finally:
+        tiny_causal.max_batch_tokens = budget
+    (ll_one, count_one, grad_one), (ll_split, count_split, grad_split) = results
+    torch.testing.assert_close(ll_one, ll_split, atol=1e-4, rtol=0)
+    assert torch.equal(count_one, count_split)
+    torch.testing.assert_close(grad_one, grad_split, atol=1e-4, rtol=1e-4)
