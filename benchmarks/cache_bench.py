@@ -66,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     from service import metrics
     from service.redis_connection import connect
+    from service.runtime import load_runtime, reset_runtime
     from service.task_store import TaskStore
-    from workers.runtime import load_runtime, reset_runtime
 
     with ExitStack() as stack:
         stack.callback(reset_runtime)

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.prompt_tuning import prompt_tune
     from ipt_engine.subspace_artifact import load_artifact
     from ipt_engine.training import TrainConfig, stop_after
-    from workers.runtime import Runtime
+    from service.runtime import Runtime
 
     with ExitStack() as stack:
         setup = prepare(args, stack, random_subspace=False)

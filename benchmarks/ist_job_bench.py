@@ -127,8 +127,8 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
+    from service.runtime import reset_runtime
     from tests.engine.category_tasks import RELATED, TARGET, category_task
-    from workers.runtime import reset_runtime
 
     task = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8)
     body: dict[str, Any] = {

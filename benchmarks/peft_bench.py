@@ -189,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.tasks import Example, TaskHead, TaskKind
     from ipt_engine.training import HistoryEntry
     from service.predictor import Item, MicroBatcher
+    from service.runtime import Runtime
     from service.settings import Settings
     from service.task_store import TaskStore, encode_vector
     from tests.engine.category_tasks import RELATED, TARGET, category_task
-    from workers.runtime import Runtime
 
     with ExitStack() as stack:
         setup = prepare(args, stack, random_subspace=False)  # a missing subspace fails here, before any loading

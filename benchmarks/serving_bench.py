@@ -126,9 +126,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
     import torch
 
     from service.redis_connection import connect
+    from service.runtime import load_runtime, reset_runtime
     from service.settings import Settings
     from service.task_store import TaskStore
-    from workers.runtime import load_runtime, reset_runtime
 
     counts = sorted({1} | {int(k) for k in args.tasks.split(",") if k.strip()})  # 1: the single-task baseline
     if counts[0] < 1:

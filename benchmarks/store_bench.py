@@ -95,8 +95,8 @@ def memory_per_task(r: object, ids: Sequence[str], owner_keys: Sequence[str], to
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     from service.redis_connection import connect
+    from service.runtime import load_runtime, reset_runtime
     from service.task_store import VECTOR_DTYPES, TaskStore
-    from workers.runtime import load_runtime, reset_runtime
 
     counts = sorted({int(k) for k in (args.counts or ("100,400,2000" if args.quick else
                                                       "1000,10000,100000")).split(",") if k.strip()})

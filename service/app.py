@@ -14,15 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.auth import auth_mode
 from service.core_sharing import BusyMarker
-from service.errors import register_error_handlers
+from service.errors import empty_receive, register_error_handlers
 from service.load_shedding import Inflight, InflightLimit
 from service.predictor import MicroBatcher, PromptCache
 from service.redis_connection import connect
 from service.request_metrics import RequestMetrics
 from service.routes import health, tasks
+from service.runtime import Runtime, load_runtime
 from service.settings import Settings
 from service.task_store import TaskStore
-from workers.runtime import Runtime, load_runtime
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,7 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send) -> None:
         response = JSONResponse({"detail": f"request body exceeds the limit of {self.max_bytes} bytes"}, 413)
-        await response({"type": "http"}, _empty_receive, send)
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
+        await response({"type": "http"}, empty_receive, send)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:

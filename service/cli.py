@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -18,15 +17,16 @@ from service.settings import Settings
 Host = Annotated[str, typer.Option(help="address to listen on")]
 Port = Annotated[int, typer.Option(help="port to listen on")]
 Subspace = Annotated[Path | None, typer.Option(
-    help="subspace artifact directory (default: $IPT_SUBSPACE, else the shipped artifacts/smollm2-bigbench)")]
+    help="subspace artifact directory (default: $IPT_SUBSPACE, else the shipped service/artifacts/smollm2-bigbench)")]
 
 
 def _settings(subspace: Path | None) -> Settings:
     settings = Settings()
     if subspace is not None:
-        settings.subspace = subspace
+        settings = settings.model_copy(update={"subspace": subspace})
     if settings.subspace is None:
-        raise typer.BadParameter("no subspace: the shipped artifacts/smollm2-bigbench is missing from this checkout; "
+        raise typer.BadParameter("no subspace: the shipped service/artifacts/smollm2-bigbench is missing from this "
+                                 "installation; "
                                  "pass --subspace DIR (written by `ipt msf` or `ipt experiment export`) or set "
                                  "IPT_SUBSPACE")
     return settings
@@ -44,7 +44,7 @@ def serve(host: Host = "127.0.0.1", port: Port = 8000, subspace: Subspace = None
     from service.serve import serve_all
 
     settings = _settings(subspace)
-    settings.open_mode = serve_open_mode(settings, open_mode)
+    settings = settings.model_copy(update={"open_mode": serve_open_mode(settings, open_mode)})
     console.print(auth_mode(settings))
     raise typer.Exit(serve_all(settings, host, port, say=console.print))
 
@@ -75,14 +75,18 @@ def api(host: Host = "0.0.0.0", port: Port = 8000, subspace: Subspace = None) ->
 @app.command()
 def worker(subspace: Subspace = None,
            burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False) -> None:
-    """One IST worker (Kubernetes): loads the model once, then trains queued tasks; needs IPT_REDIS_URL."""
-    from workers.worker import run_worker
+    """One IST worker (Kubernetes): loads the model once, then trains queued tasks; needs IPT_REDIS_URL.
 
+    The worker is its own program, `python -m workers` (as `ipt serve` starts it): this command checks the
+    settings and replaces itself with it (same process, so signals reach the worker directly). `service` never
+    imports `workers`, which is built on top of it."""
     settings = _settings(subspace)
     if not settings.redis_url and not os.environ.get("REDIS_URL"):
         raise typer.BadParameter("`ipt worker` needs IPT_REDIS_URL (the Redis the API uses)")
-    logging.getLogger("rq").setLevel(logging.INFO)
-    run_worker(settings, burst=burst)
+    from service.serve import worker_argv
+
+    argv = worker_argv(burst)
+    os.execve(argv[0], argv, {**os.environ, "IPT_SUBSPACE": str(settings.subspace)})
 
 
 def main() -> None:

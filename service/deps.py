@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from service.auth import tenant_for
+from service.errors import MODEL_LOADING_RETRY_AFTER_S, retry_after
 from service.predictor import MicroBatcher, PromptCache
 from service.rate_limit import FixedWindowLimiter
+from service.runtime import Runtime
 from service.settings import Settings
 from service.task_store import TaskStore
-from workers.runtime import Runtime
 
 
 def get_settings(request: Request) -> Settings:
@@ -30,7 +31,7 @@ def get_runtime(request: Request) -> Runtime:
     runtime = request.app.state.runtime
     if runtime is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the model is still loading; retry shortly",
-                            headers={"Retry-After": "5"})
+                            headers=retry_after(MODEL_LOADING_RETRY_AFTER_S))
     return runtime
 
 

@@ -14,12 +14,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message
 
 from service.safe_text import json_safe
 
 log = logging.getLogger(__name__)
 
 STORE_RETRY_AFTER_S = 5
+"""Retry-After of a 503 while the task store (Redis) is unreachable."""
+MODEL_LOADING_RETRY_AFTER_S = 5
+"""Retry-After of a 503 while the model is still loading (a request that needs it, /readyz)."""
+BUSY_RETRY_AFTER_S = 1
+"""Retry-After of a 503 when the process is at capacity (requests in flight, inputs waiting for the model)."""
 
 MAX_VALIDATION_ISSUES = 20
 """A 422 lists at most this many issues (a body of 2,000 bad examples would otherwise list each)."""
@@ -62,6 +68,16 @@ _DESCRIPTIONS: dict[int, tuple[str, dict[str, Any] | None]] = {
 }
 
 
+def retry_after(seconds: int) -> dict[str, str]:
+    """The Retry-After header of an answer that asks the client to come back in `seconds`."""
+    return {"Retry-After": str(seconds)}
+
+
+async def empty_receive() -> Message:
+    """The ASGI `receive` of a response sent by a middleware before the app read the body."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route decorator: each status with its schema and headers."""
     out: dict[int | str, dict[str, Any]] = {}
@@ -79,7 +95,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """Redis down, restarting or loading its data: a 503 the client can retry, never a 500."""
     return JSONResponse({"detail": f"the task store is unavailable ({type(exc).__name__}); retry shortly"},
-                        status_code=503, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+                        status_code=503, headers=retry_after(STORE_RETRY_AFTER_S))
 
 
 async def validation_failed(request: Request, exc: Exception) -> JSONResponse:

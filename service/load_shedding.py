@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import BUSY_RETRY_AFTER_S, empty_receive, retry_after
 
 EXEMPT_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 
@@ -26,7 +28,7 @@ class Inflight:
 class InflightLimit:
     """ASGI middleware over an `Inflight` counter (one event loop per process: no lock needed)."""
 
-    def __init__(self, app: ASGIApp, inflight: Inflight, retry_after_s: int = 1) -> None:
+    def __init__(self, app: ASGIApp, inflight: Inflight, retry_after_s: int = BUSY_RETRY_AFTER_S) -> None:
         self.app = app
         self.inflight = inflight
         self.retry_after_s = retry_after_s
@@ -39,8 +41,8 @@ class InflightLimit:
         if state.current >= state.limit:
             state.shed += 1
             response = JSONResponse({"detail": f"the service is at capacity ({state.limit} requests in progress); "
-                                               "retry shortly"}, 503, headers={"Retry-After": str(self.retry_after_s)})
-            await response(scope, _empty_receive, send)
+                                               "retry shortly"}, 503, headers=retry_after(self.retry_after_s))
+            await response(scope, empty_receive, send)
             return
         state.current += 1
         state.peak = max(state.peak, state.current)
@@ -48,7 +50,3 @@ class InflightLimit:
             await self.app(scope, receive, send)
         finally:
             state.current -= 1
-
-
-async def _empty_receive() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}

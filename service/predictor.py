@@ -1,5 +1,9 @@
 """Predictions: soft prompts from z (bounded LRU cache keyed by task id and vector version) and a
-micro-batcher that runs requests of many tasks in one forward pass, each row with its own prompt."""
+micro-batcher that runs requests of many tasks in one forward pass, each row with its own prompt.
+
+The predict path: service/routes/tasks.py:predict_task validates the request, reads z, then calls
+`predict_task_inputs` here: the task's prompt Proj_b(z) from the PromptCache (`decode_prompt` on a miss), one
+Item per input into the MicroBatcher, whose model thread runs `ipt_engine.evaluation.predict`."""
 
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from ipt_engine.evaluation import Prediction, predict
-from ipt_engine.tasks import Example, TaskHead
+from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service import metrics
-from workers.runtime import Runtime
+from service.runtime import Runtime
+from service.safe_text import clean_text
+from service.task_store import TaskRecord
 
 
 class PromptCache:
@@ -162,3 +170,28 @@ class MicroBatcher:
             for i, answer in zip(groups[k], per_task, strict=True):
                 out[i] = answer
         return [p for p in out if p is not None]
+
+
+def decode_prompt(runtime: Runtime, z: np.ndarray) -> Tensor:
+    """Proj_b(z): a task's soft prompt [n, d] from its vector z [d_I], on the backbone's device."""
+    with torch.no_grad():
+        zt = torch.from_numpy(z).to(runtime.backbone.device)[None]
+        return runtime.subspace.decode(zt)[0]
+
+
+def task_head(record: TaskRecord) -> TaskHead:
+    """What the model needs of a stored task to answer it: name, kind and labels (cleaned for the prompt)."""
+    return TaskHead(clean_text(record.name), TaskKind(record.kind),
+                    tuple(clean_text(label) for label in record.labels) if record.labels else None)
+
+
+async def predict_task_inputs(runtime: Runtime, cache: PromptCache, batcher: MicroBatcher, record: TaskRecord,
+                              z: np.ndarray, version: int, inputs: Sequence[str],
+                              options: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
+    """Answer each input of one trained task (vector `z` at `version`): its prompt from the cache (computed on a
+    miss), every input an Item of the micro-batcher. Raises asyncio.QueueFull when too many inputs wait."""
+    prompt = await run_in_threadpool(cache.get_or_compute, record.id, version, lambda: decode_prompt(runtime, z))
+    head = task_head(record)
+    items = [Item((record.id, version), head, prompt, Example(text, "", tuple(options[i]) if options else None))
+             for i, text in enumerate(inputs)]
+    return await batcher.submit(items)

@@ -106,9 +106,16 @@ def stop_worker(worker: subprocess.Popen[bytes], deadline: float, forced: thread
     _kill_group(worker)
 
 
+def worker_argv(burst: bool = False) -> list[str]:
+    """The command line of one IST worker process (workers/__main__.py; settings from IPT_* variables). The
+    worker is started as a program, by module path: `service` never imports `workers`."""
+    return [sys.executable, "-m", "workers", *(["--burst"] if burst else [])]
+
+
 def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], object] = print) -> int:
     """Run Redis (embedded unless configured), the worker and the API until a signal; stop them all within
-    `settings.shutdown_grace_s`. Returns the exit status."""
+    `settings.shutdown_grace_s`. Returns the exit status. `settings` is not changed: what this run decides (the
+    embedded Redis's URL, the API's thread count) goes into a copy."""
     from service.embedded_redis import EmbeddedRedis
 
     shutdown = Shutdown()
@@ -119,7 +126,8 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
     try:
         if not settings.redis_url and not os.environ.get("REDIS_URL"):
             embedded = EmbeddedRedis(settings.data_dir)
-            settings.redis_url = embedded.start()  # before torch is imported: fewer threads at the fork
+            # before torch is imported: fewer threads at the fork
+            settings = settings.model_copy(update={"redis_url": embedded.start()})
         from service.app import create_app
 
         env = {**os.environ, "IPT_REDIS_URL": str(settings.redis_url or os.environ.get("REDIS_URL")),
@@ -133,10 +141,10 @@ def serve_all(settings: Settings, host: str, port: int, say: Callable[[str], obj
             cores = os.cpu_count() or 2
             env["IPT_TORCH_THREADS"] = str(cores)
             env["IPT_WORKER_THREADS_WHEN_API_BUSY"] = str(max(1, cores // 2))
-            settings.torch_threads = max(1, cores - cores // 2)
+            settings = settings.model_copy(update={"torch_threads": max(1, cores - cores // 2)})
         if shutdown.requested:
             return 0  # a signal during start-up (the cleanup below still runs)
-        worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, stdin=subprocess.DEVNULL,
+        worker = subprocess.Popen(worker_argv(), env=env, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
         _watch_worker(worker, shutdown)
         say(f"worker pid {worker.pid}; Redis at {settings.redis_url}"

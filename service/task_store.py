@@ -153,6 +153,15 @@ class TaskRecord:
         )
 
 
+@dataclass(frozen=True)
+class Neighbour:
+    """A task near another one in the intrinsic subspace (TaskStore.nearest)."""
+
+    id: str
+    name: str
+    cosine: float
+
+
 class IdempotencyKeyReused(Exception):
     """An Idempotency-Key already used by this owner for a request with another body."""
 
@@ -292,6 +301,39 @@ class TaskStore:
         out = pipe.execute()
         return {i: decode_vector(raw, int(d)) for i, raw, d in zip(ids, out[0::2], out[1::2], strict=True)
                 if raw and d}
+
+    def nearest(self, owner: str, task_id: str, k: int) -> list[Neighbour] | None:
+        """The owner's k trained tasks nearest to `task_id` by cosine similarity of their vectors, most similar
+        first (ties: the larger id first), read from the store in one round trip; None when `task_id` has no
+        vector. Vectors of another shape (another subspace) are left out."""
+        ids = [i.decode() for i in self.r.zrange(f"ipt:tenant:{owner}:tasks", 0, -1)]
+        pipe = self.r.pipeline()
+        for i in ids:
+            pipe.get(f"{self._key(i)}:z")
+            pipe.hmget(self._key(i), "d_intrinsic", "name", "owner")
+        out = pipe.execute()
+        vectors: dict[str, np.ndarray] = {}
+        heads: dict[str, tuple[bytes | None, bytes | None]] = {}
+        for i, raw, (d, name, task_owner) in zip(ids, out[0::2], out[1::2], strict=True):
+            heads[i] = (name, task_owner)
+            if raw and d:
+                vectors[i] = decode_vector(raw, int(d))
+        query = vectors.pop(task_id, None)
+        if query is None:
+            return None
+        scored = []
+        for other, v in vectors.items():
+            if v.shape != query.shape:
+                continue
+            denom = float(np.linalg.norm(query) * np.linalg.norm(v)) or 1.0
+            scored.append((float(query @ v) / denom, other))
+        scored.sort(reverse=True)
+        found = []
+        for cosine, other in scored[:k]:
+            name, task_owner = heads[other]
+            if name is not None and task_owner is not None and task_owner.decode() == owner:
+                found.append(Neighbour(other, name.decode(), cosine))
+        return found
 
     # ---------------------------------------------------------------------------------- state changes
     def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any]) -> bool:

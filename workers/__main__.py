@@ -1,5 +1,6 @@
-"""`python -m workers`: one IST worker (what `ipt worker` and `ipt serve` start)."""
+"""`python -m workers`: one IST worker (what `ipt worker` and `ipt serve` start); settings from IPT_* variables."""
 
+import argparse
 import logging
 import os
 import signal
@@ -28,7 +29,14 @@ def exit_with_parent() -> None:
         sys.exit(0)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_with_parent()
-    run_worker()
+    run_worker(burst=args.burst)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,21 +18,22 @@ import os
 import time
 from typing import Any
 
-from rq import Queue, get_current_job
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, JobStatus
+from rq import get_current_job
+from rq.job import Job
 
 from ipt_engine.errors import IPTError
 from ipt_engine.evaluation import evaluate
-from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, start_candidates, tune
+from ipt_engine.ist_optimizers import ISTOptimizer, start_candidates, tune
 from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
-from service import metrics
+from service import ist_jobs, metrics
 from service.core_sharing import share_cores
+from service.ist_jobs import InvalidTrainingSettings, ISTJob, delete_queued_job
 from service.redis_connection import connect
+from service.runtime import load_runtime
 from service.safe_text import unencodable_at
 from service.task_store import TaskStatus, TaskStore
-from workers.runtime import load_runtime, process_settings
+from workers.process_settings import process_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ take): the task fails at once, without retries."""
 
 
 def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
-    """RQ entry point. `task` is Task.to_dict() (train and dev examples); `training` holds IST settings."""
+    """RQ entry point (service/ist_jobs.py: TRAIN_FUNCTION; the arguments are ISTJob.args()). `task` is
+    Task.to_dict() (train and dev examples); `training` holds IST settings."""
     start = time.perf_counter()
     outcome = "error"
     try:
@@ -74,13 +76,18 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         log.info("task %s is gone or final (%s); nothing to do", task_id, record and record.status)
         return {"task_id": task_id, "status": "skipped"}
     claimer = store.claimed_by(task_id)
-    if claimer and claimer != task_id and _is_running(claimer, store):
+    if claimer and claimer != task_id and ist_jobs.is_running(store.r, claimer):
         log.info("task %s is being trained in job %s's batch; nothing to do", task_id, claimer)
         return {"task_id": task_id, "status": "skipped"}
+    try:
+        own = ISTJob(task_id, task, ist_jobs.ist_settings(training))
+    except InvalidTrainingSettings as exc:  # the same payload fails every time: no retry
+        store.mark_failed(task_id, "invalid_task", str(exc))
+        return {"task_id": task_id, "status": "failed"}
     runtime = load_runtime(settings)
-    config = ist_settings(training)
+    config = own.training
     batch: list[tuple[str, Task]] = []
-    for tid, payload in [(task_id, task), *_claim_peers(store, task_id, training, settings.worker_batch_tasks - 1)]:
+    for tid, payload in [(task_id, task), *_claim_peers(store, own, settings.worker_batch_tasks - 1)]:
         try:
             parsed = Task.from_dict(payload)
         except IPTError as exc:
@@ -181,35 +188,9 @@ def unencodable_text(task: Task) -> str | None:
     return None
 
 
-def ist_settings(training: dict[str, Any]) -> ISTSettings:
-    """The engine's IST settings from a job's `training` dict (the API's TrainingSettings; a job enqueued
-    before an optimiser could be chosen has none and gets the default)."""
-    known = {f for f in ISTSettings.__dataclass_fields__ if f != "max_new_tokens"}
-    return ISTSettings(**{k: v for k, v in training.items() if k in known})
-
-
-def _is_running(job_id: str, store: TaskStore) -> bool:
-    try:
-        return Job.fetch(job_id, connection=store.r).get_status() == JobStatus.STARTED
-    except (NoSuchJobError, InvalidJobOperation):  # gone, or went between the fetch and the status read
-        return False
-
-
-def delete_queued_job(connection: Any, job_id: str) -> None:
-    """Delete a job that has not started (its payload, the examples, goes with it); nothing when it is gone,
-    also when a worker ends and removes it between our fetch and our status read (a cancel raced a 500)."""
-    try:
-        job = Job.fetch(job_id, connection=connection)
-        status = job.get_status()
-    except (NoSuchJobError, InvalidJobOperation):
-        return
-    if status in (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
-        job.delete()
-
-
-def _claim_peers(store: TaskStore, task_id: str, training: dict[str, Any], limit: int
-                 ) -> list[tuple[str, dict[str, Any]]]:
-    """Other queued tasks with the same training settings, to train in this job's batch.
+def _claim_peers(store: TaskStore, own: ISTJob, limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """Other queued tasks that may train in this job's batch (ISTJob.batches_with: the same training settings,
+    distinct task names).
 
     A peer is claimed by moving its task from queued to running (atomically, so two workers never claim
     the same task) and is recorded in this job's claims. Its own job stays queued until the batch ends
@@ -219,27 +200,14 @@ def _claim_peers(store: TaskStore, task_id: str, training: dict[str, Any], limit
     job = get_current_job()
     if job is None or limit <= 0:
         return []
-    queue = Queue(job.origin, connection=job.connection)
-    peers: list[tuple[str, dict[str, Any]]] = []
-    own = store.get(task_id)
-    names = {own.name if own else ""}
-    for peer_id in store.claims(task_id):  # claimed by an earlier attempt of this job that died
-        try:
-            peer_args = Job.fetch(peer_id, connection=job.connection).args
-        except NoSuchJobError:
-            continue
-        if len(peer_args) == 3 and peer_args[2] == training and peer_args[1].get("name") not in names:
-            names.add(peer_args[1].get("name"))
-            peers.append((peer_id, peer_args[1]))
-    for peer in Job.fetch_many(queue.get_job_ids(0, 4 * limit + 10), connection=job.connection):
-        if len(peers) >= limit:
+    batch = [own]
+    for peer_id in store.claims(own.task_id):  # claimed by an earlier attempt of this job that died
+        peer = ist_jobs.fetch(job.connection, peer_id)
+        if peer is not None and all(member.batches_with(peer) for member in batch):
+            batch.append(peer)
+    for peer in ist_jobs.queued(job.connection, job.origin, 4 * limit + 10):
+        if len(batch) > limit:
             break
-        if peer is None or peer.id == task_id or peer.func_name != job.func_name or len(peer.args) != 3:
-            continue
-        peer_id, payload, peer_training = peer.args
-        # one run needs distinct task names (two tenants may use the same one)
-        if peer_training != training or payload.get("name") in names or not store.claim(peer_id, task_id):
-            continue
-        names.add(payload.get("name"))
-        peers.append((peer_id, payload))
-    return peers
+        if all(member.batches_with(peer) for member in batch) and store.claim(peer.task_id, own.task_id):
+            batch.append(peer)
+    return [(peer.task_id, peer.task) for peer in batch[1:]]

@@ -22,10 +22,11 @@ import uuid
 from rq import Queue, SimpleWorker
 
 from service.redis_connection import connect
+from service.runtime import load_runtime
 from service.settings import Settings
 from service.worker_liveness import Heartbeat
 from workers.log_redaction import install_job_log_redaction
-from workers.runtime import load_runtime, set_process_settings
+from workers.process_settings import set_process_settings
 
 log = logging.getLogger(__name__)
 

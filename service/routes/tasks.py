@@ -7,16 +7,15 @@ import hashlib
 import json
 import logging
 
-import numpy as np
 import redis
-import torch
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from rq import Callback, Queue, Retry
 
 from ipt_engine.errors import InvalidTaskError
-from ipt_engine.tasks import Example, Task, TaskHead, TaskKind, infer_kind
+from ipt_engine.ist_optimizers import ISTSettings
+from ipt_engine.tasks import Example, Task, TaskKind, infer_kind
+from service import ist_jobs
 from service.deps import (
     BatcherDep,
     CacheDep,
@@ -27,8 +26,8 @@ from service.deps import (
     limit_creates,
     limit_predicts,
 )
-from service.errors import error_responses
-from service.predictor import Item
+from service.errors import BUSY_RETRY_AFTER_S, error_responses, retry_after
+from service.predictor import predict_task_inputs
 from service.rate_limit import RateLimited
 from service.routes.health import NO_WORKER
 from service.safe_text import clean_text
@@ -48,7 +47,6 @@ from service.schemas import (
 from service.settings import Settings
 from service.task_store import IdempotencyKeyReused, TaskRecord, TaskStatus
 from service.worker_liveness import live_workers
-from workers.jobs import delete_queued_job
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -127,6 +125,12 @@ def _build_task(body: TaskCreate) -> Task:
         raise HTTPException(422, str(exc)) from None
 
 
+def training_settings(body: TaskCreate) -> ISTSettings:
+    """The engine's IST settings for a create request: every field of the API's training object is one of
+    ISTSettings (a field the engine does not take raises here, in every create, instead of being dropped)."""
+    return ISTSettings(**body.training.model_dump())
+
+
 def request_fingerprint(body: TaskCreate) -> str:
     """A digest of what a create request asks for (the validated body, defaults filled in, key order and
     whitespace aside): an Idempotency-Key reused with another fingerprint is a conflict."""
@@ -175,14 +179,8 @@ def create_task(body: TaskCreate, request: Request, response: Response, settings
     except IdempotencyKeyReused as exc:  # a concurrent request with the same key and another body won
         raise _key_reused(str(idempotency_key), exc.task_id) from None
     if created:
-        training = body.training.model_dump()
-        training["max_steps"] = min(training["max_steps"], settings.max_ist_steps)
-        queue = Queue(settings.queue_name, connection=store.r)
-        queue.enqueue("workers.jobs.train_task", record.id, task.to_dict(), training, job_id=record.id,
-                      job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=60,
-                      description=f"IST of task {record.id}",  # never log the examples
-                      on_failure=Callback("workers.jobs.on_job_failure"),
-                      retry=Retry(max=settings.job_retries) if settings.job_retries else None)
+        job = ist_jobs.ISTJob.create(record.id, task.to_dict(), training_settings(body), settings)
+        ist_jobs.enqueue(store.r, settings, job)
     response.headers["Location"] = f"/tasks/{record.id}"
     out = task_out(record)
     if out.status == TaskStatus.QUEUED.value and live_workers(store.r, settings.queue_name) == 0:
@@ -209,8 +207,9 @@ def get_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> TaskO
 @router.get("", response_model=TaskList, responses=error_responses(401, 422, 503))
 def list_tasks(store: StoreDep, tenant: TenantDep, settings: SettingsDep, offset: int = Query(0, ge=0, le=MAX_OFFSET),
                limit: int = Query(20, ge=1, le=100)) -> TaskList:
-    records, total = store.list(tenant, offset, min(limit, settings.page_size_max))
-    return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=limit)
+    applied = min(limit, settings.page_size_max)
+    records, total = store.list(tenant, offset, applied)
+    return TaskList(tasks=[task_out(r) for r in records], total=total, offset=offset, limit=applied)
 
 
 @router.post("/{task_id}/cancel", response_model=TaskOut, responses=error_responses(401, 404, 409, 422, 503))
@@ -218,7 +217,7 @@ def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Ta
     record = _owned(store, tenant, task_id)
     if not store.cancel(task_id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} is already {record.status.value}")
-    delete_queued_job(store.r, task_id)  # its examples leave Redis now; a started job stops at its next eval
+    ist_jobs.delete_queued_job(store.r, task_id)  # its examples leave Redis now; a started job stops at its next eval
     return task_out(_owned(store, tenant, task_id))
 
 
@@ -226,7 +225,7 @@ def cancel_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Ta
 def delete_task(store: StoreDep, tenant: TenantDep, task_id: str = TaskId) -> Response:
     _owned(store, tenant, task_id)
     store.cancel(task_id)  # a running job stops at its next evaluation
-    delete_queued_job(store.r, task_id)
+    ist_jobs.delete_queued_job(store.r, task_id)
     store.delete(task_id, tenant)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -270,23 +269,11 @@ async def predict_task(body: PredictRequest, request: Request, store: StoreDep, 
     if stored is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no task {task_id!r}")
     z, version = stored
-
-    def compute() -> torch.Tensor:
-        with torch.no_grad():
-            zt = torch.from_numpy(z).to(runtime.backbone.device)[None]
-            return runtime.subspace.decode(zt)[0]
-
-    prompt = await run_in_threadpool(cache.get_or_compute, task_id, version, compute)
-    head = TaskHead(clean_text(record.name), kind,
-                    tuple(clean_text(label) for label in record.labels) if record.labels else None)
-    items = [Item((task_id, version), head, prompt,
-                  Example(text, "", tuple(body.options[i]) if body.options else None))
-             for i, text in enumerate(body.inputs)]
     try:
-        answers = await batcher.submit(items)
+        answers = await predict_task_inputs(runtime, cache, batcher, record, z, version, body.inputs, body.options)
     except asyncio.QueueFull:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many predictions waiting; retry shortly",
-                            headers={"Retry-After": "1"}) from None
+                            headers=retry_after(BUSY_RETRY_AFTER_S)) from None
     return PredictResponse(task_id=task_id, predictions=[
         PredictionOut(output=a.output, probabilities=dict(zip(a.options, a.probabilities, strict=True))
                       if a.options and a.probabilities else None) for a in answers])
@@ -298,20 +285,8 @@ def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le
                   task_id: str = TaskId) -> SimilarResponse:
     """The caller's k nearest trained tasks by cosine similarity of their intrinsic vectors."""
     _owned(store, tenant, task_id)
-    vectors = store.vectors(tenant)
-    if task_id not in vectors:
+    nearest = store.nearest(tenant, task_id, k)
+    if nearest is None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} has no vector yet")
-    query = vectors.pop(task_id)
-    scored = []
-    for other, v in vectors.items():
-        if v.shape != query.shape:
-            continue
-        denom = float(np.linalg.norm(query) * np.linalg.norm(v)) or 1.0
-        scored.append((float(query @ v) / denom, other))
-    scored.sort(reverse=True)
-    out = []
-    for cosine, other in scored[:k]:
-        r = store.get(other, tenant)
-        if r is not None:
-            out.append(SimilarTask(id=other, name=clean_text(r.name), cosine=cosine))
-    return SimilarResponse(task_id=task_id, similar=out)
+    return SimilarResponse(task_id=task_id, similar=[SimilarTask(id=n.id, name=clean_text(n.name), cosine=n.cosine)
+                                                     for n in nearest])

@@ -23,9 +23,10 @@ from fastapi import FastAPI
 
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.subspace_artifact import save_artifact
+from service import runtime as runtime_module
 from service.app import create_app
 from service.settings import Settings, hash_api_key
-from workers import runtime as runtime_module
+from workers.process_settings import reset_process_settings
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
@@ -68,8 +69,10 @@ def env_settings(service_settings: Settings) -> Iterator[Settings]:
     mp.setenv("IPT_DEVICE", "cpu")
     mp.setenv("IPT_QUEUE_NAME", service_settings.queue_name)
     runtime_module.reset_runtime()
+    reset_process_settings()
     yield service_settings
     runtime_module.reset_runtime()
+    reset_process_settings()
     mp.undo()
 
 

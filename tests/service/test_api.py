@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from ipt_engine.ist_optimizers import ISTSettings
+from service.ist_jobs import ist_settings
 from service.redis_connection import connect
 from service.schemas import TrainingSettings
 from service.settings import Settings
 from service.task_store import TaskStore
 from tests.service.conftest import run_worker_burst
-from workers.jobs import ist_settings
 
 WORDS = ["great", "awful", "lovely", "bad", "fine", "poor", "nice", "sad", "good", "dull", "superb", "weak"]
 

@@ -12,7 +12,7 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service.predictor import Item, MicroBatcher, PromptCache
-from workers.runtime import Runtime
+from service.runtime import Runtime
 
 
 def _runtime(bb: Backbone) -> Runtime:

@@ -10,8 +10,8 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.named_tensors import save_named
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.subspace_artifact import VECTORS_FILE, save_artifact
+from service.runtime import load_runtime, reset_runtime
 from service.settings import Settings
-from workers.runtime import load_runtime, reset_runtime
 
 
 def test_the_artifacts_task_vectors_are_loaded_as_known_vectors(tmp_path: Path, tiny_causal: Backbone,

@@ -67,7 +67,7 @@ def test_sigterm_lets_the_running_job_finish(alice: httpx.Client, env_settings: 
 def test_deleting_a_job_that_ends_meanwhile_is_a_no_op(env_settings: Settings) -> None:
     """A cancel races the worker: the job can end (and RQ remove it) between our fetch and our status read.
     Its status field gone while the hash is still there is that moment; it once made POST /cancel a 500."""
-    from workers.jobs import delete_queued_job
+    from service.ist_jobs import delete_queued_job
 
     r = connect(env_settings)
     job = Queue("ipt-race", connection=r).enqueue("builtins.print", "x", job_id="race-job")

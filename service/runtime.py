@@ -1,4 +1,5 @@
-"""The model a worker or API process holds: the backbone and Proj_b, loaded once per process."""
+"""The model a worker or API process holds: the backbone and Proj_b, loaded once per process (the API loads it
+in service/app.py, a worker in workers/worker.py)."""
 
 from __future__ import annotations
 
@@ -27,18 +28,6 @@ class Runtime:
 
 
 _runtimes: dict[tuple[str, str, str | None, str], Runtime] = {}
-_process_settings: Settings | None = None
-
-
-def set_process_settings(settings: Settings) -> None:
-    """The settings this worker process was started with (CLI flags included); jobs use them."""
-    global _process_settings
-    _process_settings = settings
-
-
-def process_settings() -> Settings:
-    """The worker's settings, or settings from the environment when none were set."""
-    return _process_settings or Settings()
 
 
 def load_runtime(settings: Settings) -> Runtime:
@@ -67,7 +56,5 @@ def load_runtime(settings: Settings) -> Runtime:
 
 
 def reset_runtime() -> None:
-    """Forget the loaded runtimes and process settings (tests)."""
-    global _process_settings
+    """Forget the loaded runtimes (tests)."""
     _runtimes.clear()
-    _process_settings = None
