@@ -18,7 +18,7 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.cli_data import data_app
 from ipt_engine.cli_experiment import experiment_app
 from ipt_engine.errors import IPTError
-from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ZInit, intrinsic_subspace_tune
+from ipt_engine.ist import ZInit, intrinsic_subspace_tune
 from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, start_candidates, tune
 from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
@@ -44,6 +44,8 @@ EvalEvery = Annotated[int, typer.Option(help="steps between dev evaluations")]
 Patience = Annotated[int, typer.Option(help="evaluations without dev improvement before stopping")]
 Seed = Annotated[int, typer.Option(help="random seed")]
 PROMPTS_FILE = "prompts.safetensors"
+_IST = ISTSettings()  # `ipt ist` defaults: the engine's, as the service's
+_TRAIN = TrainConfig()  # `ipt pt` / `ipt msf` defaults: the training loop's
 
 
 def _load(path: Path) -> list[Task]:
@@ -78,9 +80,11 @@ def _command() -> str:
 @app.command()
 def pt(tasks: TasksArg, out: Annotated[Path, typer.Option(help="output directory")],
        n_prompt: Annotated[int, typer.Option(help="soft prompt length n")] = 100,
-       lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 0.3,
-       max_steps: Steps = 1000, batch_size: Batch = 8, eval_every: EvalEvery = 50, patience: Patience = 5,
-       backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = 0) -> None:
+       lr: Annotated[float, typer.Option(help="AdamW learning rate")] = _TRAIN.learning_rate,
+       max_steps: Steps = _TRAIN.max_steps, batch_size: Batch = _TRAIN.batch_size,
+       eval_every: EvalEvery = _TRAIN.eval_every, patience: Patience = _TRAIN.patience,
+       backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = _TRAIN.seed
+       ) -> None:
     """Vanilla prompt tuning of every task in the file (batched together); writes prompts.safetensors."""
     task_list = _load(tasks)
     bb = _backbone(backbone, device, dtype)
@@ -105,10 +109,11 @@ def msf(tasks: TasksArg, out: Annotated[Path, typer.Option(help="artifact direct
         alpha: Annotated[float, typer.Option(help="weight of the reconstruction MSE")] = DEFAULT_ALPHA,
         no_proj: Annotated[bool, typer.Option("--no-proj", help="variant without Proj: free z per task")] = False,
         lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
-        max_steps: Steps = 1000, batch_size: Batch = 8,
+        max_steps: Steps = _TRAIN.max_steps, batch_size: Batch = _TRAIN.batch_size,
         tasks_per_step: Annotated[int | None, typer.Option(help="tasks sampled per step (default all)")] = None,
-        eval_every: EvalEvery = 50, patience: Patience = 5, backbone: Backbone_ = "smollm2", device: Device = None,
-        dtype: Dtype = "float32", seed: Seed = 0) -> None:
+        eval_every: EvalEvery = _TRAIN.eval_every, patience: Patience = _TRAIN.patience,
+        backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = _TRAIN.seed
+        ) -> None:
     """Multi-task subspace finding: train Proj and Proj_b; writes a subspace artifact."""
     task_list = _load(tasks)
     bb = _backbone(backbone, device, dtype)
@@ -141,12 +146,15 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
         optimizer: Annotated[ISTOptimizer, typer.Option(help="gauss_newton (full batch; starts from the best of z = 0 "
                                                         "and the subspace's task vectors when it has them), lbfgs, "
                                                         "or adamw (--init, --lr, --max-steps, ...)")]
-        = ISTOptimizer.GAUSS_NEWTON,
-        max_iterations: Annotated[int, typer.Option(help="gauss_newton / lbfgs iterations")] = 12,
+        = _IST.optimizer,
+        max_iterations: Annotated[int, typer.Option(help="gauss_newton / lbfgs iterations")] = _IST.max_iterations,
         init: Annotated[ZInit, typer.Option(help="adamw: z initialisation")] = ZInit.ZEROS,
-        lr: Annotated[float, typer.Option(help="AdamW learning rate")] = DEFAULT_IST_LEARNING_RATE,
-        max_steps: Steps = 500, batch_size: Batch = 8, eval_every: EvalEvery = 25, patience: Patience = 5,
-        backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = 0) -> None:
+        lr: Annotated[float, typer.Option(help="AdamW learning rate")] = _IST.learning_rate,
+        max_steps: Steps = _IST.max_steps, batch_size: Batch = _IST.batch_size, eval_every: EvalEvery = _IST.eval_every,
+        patience: Annotated[int, typer.Option(help="iterations (gauss_newton, lbfgs) or dev evaluations (adamw) "
+                                                   "without a dev improvement before stopping")] = _IST.patience,
+        backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = _IST.seed
+        ) -> None:
     """Intrinsic subspace tuning: learn z (d_I floats) per task; writes task_vectors.safetensors."""
     task_list = _load(tasks)
     bb = _backbone(backbone, device, dtype)
@@ -156,12 +164,12 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
                                                   or init in (ZInit.MEAN, ZInit.NEAREST)):
         vectors = load_named(subspace / VECTORS_FILE)
         known = stack_for(sorted(vectors), vectors, "vectors")
+    settings = ISTSettings(optimizer=optimizer, max_iterations=max_iterations, patience=patience, learning_rate=lr,
+                           max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, seed=seed)
     if optimizer is ISTOptimizer.ADAMW:
-        config = TrainConfig(learning_rate=lr, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every,
-                             patience=patience, seed=seed, progress=True)
+        config = settings.adamw_config(dev_loss=False, progress=True)
         results = intrinsic_subspace_tune(bb, task_list, art.subspace.proj_b, config, init=init, known_vectors=known)
     else:
-        settings = ISTSettings(optimizer=optimizer, max_iterations=max_iterations, patience=patience)
         starts = (start_candidates(art.subspace.config.d_intrinsic, known)
                   if optimizer is ISTOptimizer.GAUSS_NEWTON else None)
         results = tune(bb, task_list, art.subspace.proj_b, settings, start_candidates=starts)

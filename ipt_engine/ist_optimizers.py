@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.ist import ISTResult, intrinsic_subspace_tune
+from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ISTResult, intrinsic_subspace_tune
 from ipt_engine.ist_gauss_newton import GaussNewtonConfig, gauss_newton_subspace_tune
 from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
 from ipt_engine.subspace import ProjB
@@ -36,12 +36,15 @@ class ISTOptimizer(StrEnum):
 
 @dataclass(frozen=True)
 class ISTSettings:
-    """What a caller chooses about an IST run (the service's `training` object maps onto it)."""
+    """What a caller chooses about an IST run, and the one source of IST defaults: the service's `training`
+    object (service/schemas.py), the IST job a worker runs (service/ist_jobs.py), `ipt ist` and the experiment
+    configs' IST stage take their defaults from here. The iteration counts are the default optimiser's own."""
 
     optimizer: ISTOptimizer = ISTOptimizer.GAUSS_NEWTON
-    max_iterations: int = 12  # full-batch optimisers: forward-backward passes over the train set
-    patience: int = 4  # iterations (full batch) or dev evaluations (AdamW) without a dev improvement
-    learning_rate: float = 1.0  # AdamW only
+    max_iterations: int = GaussNewtonConfig.max_iterations  # full batch: forward-backward passes over the train set
+    patience: int = GaussNewtonConfig.patience  # iterations (full batch) or dev evaluations (AdamW) without a
+    # dev improvement
+    learning_rate: float = DEFAULT_IST_LEARNING_RATE  # AdamW only
     max_steps: int = 200  # AdamW only
     batch_size: int = 8  # AdamW only: rows per step
     eval_every: int = 10  # AdamW only: steps between dev evaluations
@@ -62,10 +65,13 @@ class ISTSettings:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "optimizer": self.optimizer.value}
 
-    def adamw_config(self) -> TrainConfig:
-        return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,
-                           eval_every=self.eval_every, patience=self.patience, dev_loss=True,
-                           max_new_tokens=self.max_new_tokens, seed=self.seed)
+    def adamw_config(self, **overrides: Any) -> TrainConfig:
+        """The training loop's settings for AdamW IST (ties of the dev score broken by dev loss, unless
+        `overrides` say otherwise: any other TrainConfig field, e.g. progress=True)."""
+        fields = {"learning_rate": self.learning_rate, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                  "eval_every": self.eval_every, "patience": self.patience, "dev_loss": True,
+                  "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+        return TrainConfig(**{**fields, **overrides})
 
 
 def start_candidates(d_intrinsic: int, known_vectors: Tensor | None = None) -> Tensor:
