@@ -62,7 +62,7 @@ demo: install
 	bash examples/demo.sh
 
 bench: install
-	$(PY) benchmarks/engine_bench.py
+	$(PY) -m benchmarks.engine_bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

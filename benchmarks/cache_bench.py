@@ -7,47 +7,25 @@ request of the same task with another input (a hit). The app's own counter (ipt_
 that every first request missed and every second one hit. Proj_b(z) is also timed alone, on the model's device.
 
 Run:
-    .venv/bin/python benchmarks/cache_bench.py                 # SmolLM2; ~1 min on 2 CPU cores
-    .venv/bin/python benchmarks/cache_bench.py --requests 200  # more pairs
-    .venv/bin/python benchmarks/cache_bench.py --quick         # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.cache_bench                 # SmolLM2; ~1 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.cache_bench --requests 200  # more pairs
+    .venv/bin/python -m benchmarks.cache_bench --quick         # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import (
-    APP,
-    Report,
-    TaskWriter,
-    add_common_arguments,
-    category_inputs,
-    device_description,
-    device_kind,
-    finish,
-    median,
-    metric_value,
-    ms,
-    pct,
-    predict_request,
-    prepare,
-    redis_description,
-    redis_server,
-    run_load,
-    served_app,
-    service_settings,
-    subspace_shape,
-    timed,
-)
+from benchmarks.load import metric_value, predict_request, run_load
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.redis_server import redis_description, redis_server
+from benchmarks.report import Report, device_description, finish
+from benchmarks.served_app import APP, TaskWriter, category_inputs, served_app, service_settings
+from benchmarks.timing import device_kind, median, ms, pct, timed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -15,35 +15,24 @@ Every method chooses on dev only. Per task each accuracy carries a 95% Wilson in
 the mean over tasks carries a 95% bootstrap interval over tasks (k = number of tasks).
 
 Run:
-    .venv/bin/python benchmarks/everyday_bench.py                       # all four tasks; ~12 min per task, 2 CPUs
-    .venv/bin/python benchmarks/everyday_bench.py --tasks app_review_sentiment,support_intent
-    .venv/bin/python benchmarks/everyday_bench.py --quick               # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.everyday_bench                       # all four tasks; ~12 min per task, 2 CPUs
+    .venv/bin/python -m benchmarks.everyday_bench --tasks app_review_sentiment,support_intent
+    .venv/bin/python -m benchmarks.everyday_bench --quick               # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (
-    Report,
-    add_common_arguments,
-    device_description,
-    device_kind,
-    finish,
-    prepare,
-    subspace_shape,
-)
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.report import Report, device_description, finish
+from benchmarks.timing import device_kind
 
 METHODS = ["no prompt", "Proj_b(0)", "IST (default)", "IST, random Proj_b", "IST AdamW (same time)",
            "PT (same time)"]

@@ -14,9 +14,9 @@ patience 4); --optimizer and the other training flags send what they name (e.g. 
 the learned one.
 
 Run:
-    .venv/bin/python benchmarks/ist_job_bench.py                        # SmolLM2 + shipped subspace; ~3 min, 2 CPUs
-    .venv/bin/python benchmarks/ist_job_bench.py --repeats 3 --subspace DIR
-    .venv/bin/python benchmarks/ist_job_bench.py --quick                # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.ist_job_bench                        # SmolLM2 + shipped subspace; ~3 min, 2 CPUs
+    .venv/bin/python -m benchmarks.ist_job_bench --repeats 3 --subspace DIR
+    .venv/bin/python -m benchmarks.ist_job_bench --quick                # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
@@ -31,28 +31,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import httpx
 
-from benchmarks.common import (
-    APP,
-    ROOT,
-    Report,
-    add_common_arguments,
-    device_description,
-    device_kind,
-    finish,
-    median,
-    ms,
-    prepare,
-    redis_description,
-    redis_server,
-    served_app,
-    service_settings,
-    subspace_shape,
-)
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.redis_server import redis_description, redis_server
+from benchmarks.report import ROOT, Report, device_description, finish
+from benchmarks.served_app import APP, served_app, service_settings
+from benchmarks.timing import device_kind, median, ms
 
 QUEUE = "ipt-bench-ist"
 
@@ -127,8 +112,8 @@ def stop_worker(proc: subprocess.Popen[bytes]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
+    from ipt_engine.testing import RELATED, TARGET, category_task
     from service.runtime import reset_runtime
-    from tests.engine.category_tasks import RELATED, TARGET, category_task
 
     task = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8)
     body: dict[str, Any] = {

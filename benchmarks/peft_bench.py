@@ -19,9 +19,9 @@ PEFT is installed for the benchmarks only: `bash benchmarks/setup.sh` (into .ben
 
 Run:
     bash benchmarks/setup.sh                                   # once: PEFT into .bench-deps/
-    .venv/bin/python benchmarks/peft_bench.py                  # SmolLM2 + the shipped subspace; ~10-15 min, 2 cores
-    .venv/bin/python benchmarks/peft_bench.py --subspace DIR --pt-steps 100 --infer-tasks 32
-    .venv/bin/python benchmarks/peft_bench.py --quick          # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.peft_bench                  # SmolLM2 + the shipped subspace; ~10-15 min, 2 cores
+    .venv/bin/python -m benchmarks.peft_bench --subspace DIR --pt-steps 100 --infer-tasks 32
+    .venv/bin/python -m benchmarks.peft_bench --quick          # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
@@ -33,28 +33,14 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.common import (
-    ROOT,
-    Report,
-    add_common_arguments,
-    device_description,
-    device_kind,
-    finish,
-    median,
-    prepare,
-    redis_description,
-    redis_server,
-    subspace_shape,
-    timed,
-)
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.redis_server import redis_description, redis_server
+from benchmarks.report import ROOT, Report, device_description, finish
+from benchmarks.timing import device_kind, median, timed
 
 BENCH_DEPS = ROOT / ".bench-deps"
 
@@ -187,12 +173,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.ist_optimizers import ISTSettings, tune
     from ipt_engine.subspace_artifact import load_artifact
     from ipt_engine.tasks import Example, TaskHead, TaskKind
+    from ipt_engine.testing import RELATED, TARGET, category_task
     from ipt_engine.training import HistoryEntry
     from service.predictor import Item, MicroBatcher
     from service.runtime import Runtime
     from service.settings import Settings
     from service.task_store import TaskStore, encode_vector
-    from tests.engine.category_tasks import RELATED, TARGET, category_task
 
     with ExitStack() as stack:
         setup = prepare(args, stack, random_subspace=False)  # a missing subspace fails here, before any loading

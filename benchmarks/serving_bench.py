@@ -19,52 +19,26 @@ The prompt cache starts filled with the stream's tasks (the steady state of a se
 active tasks); cache misses are measured by benchmarks/cache_bench.py.
 
 Run:
-    .venv/bin/python benchmarks/serving_bench.py                   # SmolLM2; ~3-4 min on 2 CPU cores
-    .venv/bin/python benchmarks/serving_bench.py --requests 480    # more requests per configuration
-    .venv/bin/python benchmarks/serving_bench.py --write-docs      # also write the table into docs/benchmarks.md
-    .venv/bin/python benchmarks/serving_bench.py --quick           # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.serving_bench                   # SmolLM2; ~3-4 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.serving_bench --requests 480    # more requests per configuration
+    .venv/bin/python -m benchmarks.serving_bench --write-docs      # also write the table into docs/benchmarks.md
+    .venv/bin/python -m benchmarks.serving_bench --quick           # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (
-    APP,
-    BatchStats,
-    LoadResult,
-    ModelBusy,
-    Report,
-    TaskWriter,
-    add_common_arguments,
-    category_inputs,
-    device_description,
-    device_kind,
-    finish,
-    median,
-    ms,
-    predict_request,
-    prefill_prompt_cache,
-    prepare,
-    ratio,
-    redis_description,
-    redis_server,
-    run_load,
-    served_app,
-    service_settings,
-    subspace_shape,
-    sync,
-    timed,
-)
+from benchmarks.load import BatchStats, LoadResult, ModelBusy, predict_request, run_load
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.redis_server import redis_description, redis_server
+from benchmarks.report import Report, device_description, finish
+from benchmarks.served_app import APP, TaskWriter, category_inputs, prefill_prompt_cache, served_app, service_settings
+from benchmarks.timing import device_kind, median, ms, ratio, sync, timed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Cost growth with the number of stored tasks: Redis memory per task and predict latency at 1k, 10k, 100k tasks.
 
 Tasks are written straight into a private Redis (pipelined, laid out exactly as service.task_store writes them:
-see TaskWriter in benchmarks/common.py), spread over `--owners` tenants, while the real app serves predictions
+see TaskWriter in benchmarks/served_app.py), spread over `--owners` tenants, while the real app serves predictions
 over HTTP on loopback. At each level:
 - memory per task: MEMORY USAGE (exact, SAMPLES 0) of a sample of tasks' keys (the hash and the z string) plus
   each tenant's task index (a sorted set) shared out over its tasks; and the whole server's growth (INFO
@@ -15,47 +15,27 @@ tasks with a 250-float z are written too and measured for the target, with z sto
 as float32.
 
 Run:
-    .venv/bin/python benchmarks/store_bench.py                         # SmolLM2; ~2-3 min on 2 CPU cores
-    .venv/bin/python benchmarks/store_bench.py --counts 1000,10000,100000,1000000 --requests 50
-    .venv/bin/python benchmarks/store_bench.py --quick                 # smoke run with a tiny model (seconds)
+    .venv/bin/python -m benchmarks.store_bench                         # SmolLM2; ~2-3 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.store_bench --counts 1000,10000,100000,1000000 --requests 50
+    .venv/bin/python -m benchmarks.store_bench --quick                 # smoke run with a tiny model (seconds)
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from benchmarks.common import (
-    APP,
-    BENCH_OWNER,
-    Report,
-    TaskWriter,
-    add_common_arguments,
-    category_inputs,
-    device_description,
-    device_kind,
-    finish,
-    ms,
-    pct,
-    predict_request,
-    prepare,
-    redis_description,
-    redis_server,
-    run_load,
-    served_app,
-    service_settings,
-    subspace_shape,
-)
+from benchmarks.load import predict_request, run_load
+from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
+from benchmarks.redis_server import redis_description, redis_server
+from benchmarks.report import Report, device_description, finish
+from benchmarks.served_app import APP, BENCH_OWNER, TaskWriter, category_inputs, served_app, service_settings
+from benchmarks.timing import device_kind, ms, pct
 
 TARGET_BYTES = 1500
 TARGET_D_INTRINSIC = 250

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IPT=.venv/bin/ipt
 OUT=${OUT:-runs/demo}
-.venv/bin/python -m tests.engine.category_tasks "$OUT"
+.venv/bin/python -m ipt_engine.testing "$OUT"
 $IPT pt "$OUT/related.jsonl" --out "$OUT/pt" --n-prompt 10 --lr 0.1 --max-steps 40 --batch-size 6 --eval-every 10 --patience 2
 $IPT msf "$OUT/related.jsonl" --prompts "$OUT/pt/prompts.safetensors" --out "$OUT/subspace" \
   --d-intrinsic 4 --d-hidden 64 --lr 3e-3 --max-steps 60 --batch-size 6 --eval-every 20 --patience 2

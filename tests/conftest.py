@@ -11,8 +11,10 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.msf import MSFResult
 from ipt_engine.prompt_tuning import PromptTuningResult
-from ipt_engine.tasks import Example, Task, TaskKind
-from tests.tiny_models import save_tiny
+from ipt_engine.tasks import Task
+from ipt_engine.testing import make_task, save_tiny
+
+__all__ = ["CategoryStudy", "make_task", "train_loss"]  # make_task: re-exported for the tests that take it from here
 
 
 @pytest.fixture(scope="session")
@@ -53,23 +55,6 @@ def train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
     return float((-(ll / count)).mean())
 
 
-def make_task(name: str = "sentiment", kind: TaskKind = TaskKind.CLASSIFICATION, n: int = 6) -> Task:
-    """A small valid task of the given kind for mechanics tests."""
-    words = ["great", "terrible", "fine", "awful", "lovely", "bad", "nice", "poor", "good", "sad", "happy", "dull"]
-    labels = ("positive", "negative")
-    exs = []
-    for i in range(n):
-        label = labels[i % 2]
-        if kind is TaskKind.MULTIPLE_CHOICE:
-            exs.append(Example(f"the movie was {words[i % len(words)]}", label, options=labels))
-        elif kind is TaskKind.GENERATION:
-            exs.append(Example(f"repeat: {words[i % len(words)]}", words[i % len(words)]))
-        else:
-            exs.append(Example(f"the movie was {words[i % len(words)]}", label))
-    return Task(name, kind, exs[: n - 2], exs[n - 2:], exs[n - 2:],
-                labels if kind is TaskKind.CLASSIFICATION else None)
-
-
 @dataclass
 class CategoryStudy:
     """PT on a new category task and four related ones (one batched run), and MSF on the related tasks'
@@ -88,8 +73,8 @@ def category_study(real_backbone: Backbone, tmp_path_factory: pytest.TempPathFac
     from ipt_engine.prompt_tuning import prompt_tune
     from ipt_engine.subspace import SubspaceConfig
     from ipt_engine.subspace_artifact import save_artifact
+    from ipt_engine.testing import RELATED, TARGET, category_task
     from ipt_engine.training import TrainConfig
-    from tests.engine.category_tasks import RELATED, TARGET, category_task
 
     bb = real_backbone
     target = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8,

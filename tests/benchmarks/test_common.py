@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import DOCS, Report, finish, write_section
+from benchmarks.report import DOCS, Report, finish, write_section
 
 
 def test_write_section_replaces_its_own_section_and_appends_others(tmp_path: Path) -> None:

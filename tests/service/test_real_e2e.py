@@ -14,9 +14,9 @@ from ipt_engine.backbone import Backbone
 from ipt_engine.evaluation import evaluate
 from ipt_engine.subspace_artifact import read_metadata
 from ipt_engine.tasks import Task
+from ipt_engine.testing import RELATED, TARGET, category_task
 from service.settings import DEFAULT_SUBSPACE, Settings
 from tests.conftest import CategoryStudy
-from tests.engine.category_tasks import RELATED, TARGET, category_task
 from tests.service.conftest import run_worker_burst, running_app
 
 pytestmark = pytest.mark.real_model
