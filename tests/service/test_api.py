@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import httpx
 import numpy as np
 import pytest
@@ -213,29 +211,6 @@ def test_cancelled_queued_task_leaves_no_job_behind(alice: httpx.Client, env_set
     alice.post(f"/tasks/{tid}/cancel")
     with pytest.raises(NoSuchJobError):
         Job.fetch(tid, connection=connection)  # ...and gone with it
-
-
-def test_a_worker_trains_queued_tasks_together(alice: httpx.Client, env_settings: Settings,
-                                               caplog: pytest.LogCaptureFixture) -> None:
-    run_worker_burst(env_settings)  # an empty queue first: only these three tasks are waiting
-    ids = [create(alice, name=f"batched_{i}")["id"] for i in range(3)]
-    with caplog.at_level(logging.INFO, logger="workers.jobs"):
-        run_worker_burst(env_settings)
-    runs = [m for r in caplog.records if r.name == "workers.jobs" and "in one run" in (m := r.getMessage())]
-    assert len(runs) == 1 and runs[0].startswith("IST (gauss_newton) of 3 task(s)"), runs
-    assert all(t in runs[0] for t in ids), runs
-    for tid in ids:
-        assert alice.get(f"/tasks/{tid}").json()["status"] == "succeeded"
-
-
-def test_same_task_name_from_two_tenants_trains_in_one_batch(alice: httpx.Client, bob: httpx.Client,
-                                                               env_settings: Settings) -> None:
-    run_worker_burst(env_settings)
-    a = create(alice, name="shared_name")["id"]
-    b = create(bob, name="shared_name")["id"]
-    run_worker_burst(env_settings)
-    assert alice.get(f"/tasks/{a}").json()["status"] == "succeeded"
-    assert bob.get(f"/tasks/{b}").json()["status"] == "succeeded"
 
 
 def test_every_training_field_reaches_the_engine() -> None:
