@@ -28,7 +28,7 @@ from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import ist_jobs, metrics
 from service.core_sharing import share_cores
-from service.ist_jobs import InvalidTrainingSettings, ISTJob, delete_queued_job
+from service.ist_jobs import ISTJob, delete_queued_job
 from service.redis_connection import connect
 from service.runtime import load_runtime
 from service.safe_text import unencodable_at
@@ -79,11 +79,9 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
     if claimer and claimer != task_id and ist_jobs.is_running(store.r, claimer):
         log.info("task %s is being trained in job %s's batch; nothing to do", task_id, claimer)
         return {"task_id": task_id, "status": "skipped"}
-    try:
-        own = ISTJob(task_id, task, ist_jobs.ist_settings(training))
-    except InvalidTrainingSettings as exc:  # the same payload fails every time: no retry
-        store.mark_failed(task_id, "invalid_task", str(exc))
-        return {"task_id": task_id, "status": "failed"}
+    # settings the engine does not know or refuses raise (InvalidTrainingSettings), never dropped: the job
+    # fails, and once its retries are used up on_job_failure marks the task failed
+    own = ISTJob(task_id, task, ist_jobs.ist_settings(training))
     runtime = load_runtime(settings)
     config = own.training
     batch: list[tuple[str, Task]] = []
