@@ -17,6 +17,7 @@ from service.core_sharing import BusyMarker
 from service.errors import empty_receive, register_error_handlers
 from service.load_shedding import Inflight, InflightLimit
 from service.predictor import MicroBatcher, PromptCache
+from service.prefix_cache import PrefixKVCache, default_bytes
 from service.redis_connection import connect
 from service.request_metrics import RequestMetrics
 from service.routes import health, tasks
@@ -76,6 +77,21 @@ class BodySizeLimit:
         await response({"type": "http"}, empty_receive, send)
 
 
+def prefix_cache_for(runtime: Runtime, settings: Settings) -> PrefixKVCache | None:
+    """The per-task prefix KV cache, for causal backbones unless turned off (IPT_PREFIX_CACHE_BYTES=0)."""
+    backbone = runtime.backbone
+    if backbone.is_encoder_decoder:
+        log.info("prefix KV cache off: a seq2seq encoder attends both ways, so its prompt states depend on the input")
+        return None
+    size = settings.prefix_cache_bytes
+    if size is None:
+        size = default_bytes(str(backbone.device).split(":")[0])
+    if size == 0:
+        return None
+    log.info("prefix KV cache: up to %.0f MiB of per-task prompt keys and values", size / 2**20)
+    return PrefixKVCache(backbone, size)
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """Build the app. The runtime (backbone + Proj_b) is loaded at start-up unless one is given."""
     settings = settings or Settings()
@@ -92,7 +108,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             loaded = runtime or await asyncio.to_thread(load_runtime, settings)
             metrics.MODEL_LOAD.set(loaded.load_seconds)
             app.state.batcher = MicroBatcher(loaded, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                                             settings.batch_max_pending)
+                                             settings.batch_max_pending, prefix_cache_for(loaded, settings))
             app.state.batcher.start()
             app.state.runtime = loaded
 

@@ -11,6 +11,12 @@ PREDICT_BATCH_SIZE = Histogram("ipt_predict_batch_size_inputs", "Inputs per micr
 PREDICT_BATCH_TASKS = Histogram("ipt_predict_batch_distinct_tasks", "Distinct tasks per forward pass",
                                 buckets=(1, 2, 4, 8, 16, 32, 64))
 PROMPT_CACHE = Counter("ipt_prompt_cache_lookups_total", "Soft-prompt cache lookups", ["result"])
+PROMPT_CACHE_EVICTIONS = Counter("ipt_prompt_cache_evictions_total", "Soft prompts evicted from the prompt cache")
+PROMPT_CACHE_BYTES = Gauge("ipt_prompt_cache_bytes", "Bytes of soft prompts held by the prompt cache")
+PREFIX_CACHE = Counter("ipt_prefix_kv_cache_lookups_total",
+                       "Prefix KV cache lookups (a task's prompt keys and values), per task of a batch", ["result"])
+PREFIX_CACHE_EVICTIONS = Counter("ipt_prefix_kv_cache_evictions_total", "Tasks evicted from the prefix KV cache")
+PREFIX_CACHE_BYTES = Gauge("ipt_prefix_kv_cache_bytes", "Bytes of keys and values held by the prefix KV cache")
 QUEUE_LENGTH = Gauge("ipt_ist_queue_length_jobs", "IST jobs waiting in the queue")
 QUEUE_OLDEST_AGE = Gauge("ipt_ist_queue_oldest_job_age_seconds",
                          "How long the oldest IST job still waiting to start has waited (0: none waits)")

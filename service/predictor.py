@@ -1,5 +1,7 @@
 """Predictions: soft prompts from z (bounded LRU cache keyed by task id and vector version) and a
-micro-batcher that runs requests of many tasks in one forward pass, each row with its own prompt.
+micro-batcher that runs requests of many tasks in one forward pass, each row with its own prompt; with a
+causal backbone each task's prompt runs through the model once and its keys and values are reused
+(`service.prefix_cache`).
 
 The predict path: service/routes/tasks.py:predict_task validates the request, reads z, then calls
 `predict_task_inputs` here: the task's prompt Proj_b(z) from the PromptCache (`decode_prompt` on a miss), one
@@ -23,6 +25,7 @@ from torch import Tensor
 from ipt_engine.evaluation import Prediction, predict
 from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service import metrics
+from service.prefix_cache import PrefixKVCache
 from service.runtime import Runtime
 from service.safe_text import clean_text
 from service.task_store import TaskRecord
@@ -53,7 +56,13 @@ class PromptCache:
             del self._items[stale]  # an older version of a retrained task
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
+            metrics.PROMPT_CACHE_EVICTIONS.inc()
+        metrics.PROMPT_CACHE_BYTES.set(self.nbytes)
         return prompt
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._items.values())
 
     def __len__(self) -> int:
         return len(self._items)
@@ -73,8 +82,10 @@ class MicroBatcher:
     """Collects items from concurrent requests for up to `max_wait_s` (or `max_size` items) and runs them
     as one batch on a single model thread."""
 
-    def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float, max_pending: int = 4096) -> None:
+    def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float, max_pending: int = 4096,
+                 prefix_cache: PrefixKVCache | None = None) -> None:
         self.runtime = runtime
+        self.prefix_cache = prefix_cache  # causal backbones: each task's prompt keys and values, kept
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         # bounded: beyond it requests get 503 + Retry-After instead of growing memory and latency
@@ -164,7 +175,11 @@ class MicroBatcher:
         examples = [[items[i].example for i in groups[k]] for k in keys]
         metrics.PREDICT_BATCH_SIZE.observe(len(items))
         metrics.PREDICT_BATCH_TASKS.observe(len(keys))
-        answers = predict(self.runtime.backbone, heads, examples, prompts)
+        if self.prefix_cache is not None:
+            kv = self.prefix_cache.stacked(keys, prompts)
+            answers = predict(self.runtime.backbone, heads, examples, None, prompt_kv=kv)
+        else:
+            answers = predict(self.runtime.backbone, heads, examples, prompts)
         out: list[Prediction | None] = [None] * len(items)
         for k, per_task in zip(keys, answers, strict=True):
             for i, answer in zip(groups[k], per_task, strict=True):

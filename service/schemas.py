@@ -111,8 +111,16 @@ class PredictRequest(Strict):
 
 
 class PredictionOut(BaseModel):
-    output: str
-    probabilities: dict[str, float] | None = None
+    output: str = Field(description="the answer: for option tasks the option with the highest `scores` value; for "
+                                    "generation tasks the greedy continuation")
+    probabilities: dict[str, float] | None = Field(
+        None, description="option tasks: the model's belief over the options, the probability of each option's "
+                          "whole token sequence (EOS included) renormalised over the options, i.e. the softmax of "
+                          "each option's total log-likelihood; sums to 1")
+    scores: dict[str, float] | None = Field(
+        None, description="option tasks: the ranking score of each option, its mean log-likelihood per token "
+                          "(length-normalised, so a long option is not penalised for its length); `output` is "
+                          "the best of these, which can differ from the most probable option when lengths differ")
 
 
 class PredictResponse(BaseModel):

@@ -275,8 +275,11 @@ async def predict_task(body: PredictRequest, request: Request, store: StoreDep, 
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many predictions waiting; retry shortly",
                             headers=retry_after(BUSY_RETRY_AFTER_S)) from None
     return PredictResponse(task_id=task_id, predictions=[
-        PredictionOut(output=a.output, probabilities=dict(zip(a.options, a.probabilities, strict=True))
-                      if a.options and a.probabilities else None) for a in answers])
+        PredictionOut(output=a.output,
+                      probabilities=dict(zip(a.options, a.probabilities, strict=True))
+                      if a.options and a.probabilities else None,
+                      scores=dict(zip(a.options, a.scores, strict=True)) if a.options and a.scores else None)
+        for a in answers])
 
 
 @router.get("/{task_id}/similar", response_model=SimilarResponse,

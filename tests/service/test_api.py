@@ -50,6 +50,9 @@ def test_full_lifecycle(alice: httpx.Client, env_settings: Settings) -> None:
     preds = r.json()["predictions"]
     assert len(preds) == 2 and all(p["output"] in ("positive", "negative") for p in preds)
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+    # the answer is the option with the best ranking score (mean log-likelihood per token, <= 0)
+    assert all(p["output"] == max(p["scores"], key=p["scores"].get) and max(p["scores"].values()) <= 0
+               for p in preds)
 
     listed = alice.get("/tasks").json()
     assert task["id"] in [t["id"] for t in listed["tasks"]]

@@ -11,8 +11,12 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import Example, TaskHead, TaskKind
+from service import metrics
+from service.app import prefix_cache_for
 from service.predictor import Item, MicroBatcher, PromptCache
+from service.prefix_cache import PrefixKVCache
 from service.runtime import Runtime
+from service.settings import Settings
 
 
 def _runtime(bb: Backbone) -> Runtime:
@@ -38,6 +42,75 @@ def test_mixed_task_batch_equals_single_task_batches(tiny_causal: Backbone) -> N
         assert got.output == alone.output
         if got.probabilities is not None:
             assert torch.allclose(torch.tensor(got.probabilities), torch.tensor(alone.probabilities), atol=1e-5)
+
+
+def _mixed_items(bb: Backbone, version: int = 1) -> list[Item]:
+    cls = TaskHead("sentiment", TaskKind.CLASSIFICATION, ("positive", "negative", "rather mixed"))
+    gen = TaskHead("echo", TaskKind.GENERATION)
+    mc = TaskHead("pick", TaskKind.MULTIPLE_CHOICE)
+    gen_seed = torch.Generator().manual_seed(7)
+    prompts = [torch.randn(2, bb.hidden_size, generator=gen_seed) for _ in range(3)]
+    return [
+        Item(("a", version), cls, prompts[0], Example("the movie was great", "")),
+        Item(("b", version), gen, prompts[1], Example("repeat: hello", "")),
+        Item(("c", version), mc, prompts[2], Example("which colour?", "", ("red", "blue", "dark green"))),
+        Item(("a", version), cls, prompts[0], Example("the food was awful and the service slow", "")),
+        Item(("b", version), gen, prompts[1], Example("repeat: world", "")),
+    ]
+
+
+def _counter(metric, label: str | None = None) -> float:  # type: ignore[no-untyped-def]
+    return (metric.labels(label) if label else metric)._value.get()
+
+
+def test_prefix_cache_gives_the_answers_of_the_prompts(tiny_causal: Backbone) -> None:
+    """Each task's prompt keys and values computed once and reused: the same outputs, probabilities and scores
+    (1e-4) as running the prompts, for a batch mixing classification, generation and multiple choice."""
+    runtime = _runtime(tiny_causal)
+    plain = MicroBatcher(runtime, max_size=32, max_wait_s=0.001)
+    cache = PrefixKVCache(tiny_causal, max_bytes=2**20)
+    cached = MicroBatcher(runtime, max_size=32, max_wait_s=0.001, prefix_cache=cache)
+    items = _mixed_items(tiny_causal)
+    misses, hits = _counter(metrics.PREFIX_CACHE, "miss"), _counter(metrics.PREFIX_CACHE, "hit")
+    expected = plain.run_batch(items)
+    for _ in range(2):  # first all misses, then all hits
+        got = cached.run_batch(items)
+        for e, g in zip(expected, got, strict=True):
+            assert e.output == g.output
+            for a, b in ((e.probabilities, g.probabilities), (e.scores, g.scores)):
+                if a is not None:
+                    assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    assert _counter(metrics.PREFIX_CACHE, "miss") - misses == 3 and _counter(metrics.PREFIX_CACHE, "hit") - hits == 3
+    assert len(cache) == 3 and cache.nbytes == 3 * cache.stacked([("a", 1)], torch.zeros(1, 2, 1)).nbytes
+
+
+def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone) -> None:
+    items = _mixed_items(tiny_causal)
+    prompts = torch.stack([items[i].prompt for i in (0, 1, 2)])
+    one = tiny_causal.prompt_kv(prompts[:1]).nbytes
+    cache = PrefixKVCache(tiny_causal, max_bytes=2 * one)
+    evictions = _counter(metrics.PREFIX_CACHE_EVICTIONS)
+    cache.stacked([("a", 1), ("b", 1), ("c", 1)], prompts)  # three fit in a batch, two stay
+    assert len(cache) == 2 and ("a", 1) not in cache and cache.nbytes == 2 * one
+    assert _counter(metrics.PREFIX_CACHE_EVICTIONS) - evictions == 1
+    assert metrics.PREFIX_CACHE_BYTES._value.get() == 2 * one
+    # a retrained task (new version) replaces its entry: the old keys and values are never served again
+    other = torch.randn(1, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(9))
+    new = cache.stacked([("b", 2)], other)
+    assert ("b", 1) not in cache and ("b", 2) in cache
+    assert torch.allclose(new.keys[0], tiny_causal.prompt_kv(other).keys[0])
+    # off (0 bytes): computed for the batch, kept nowhere
+    off = PrefixKVCache(tiny_causal, max_bytes=0)
+    off.stacked([("a", 1)], prompts[:1])
+    assert len(off) == 0 and off.nbytes == 0
+
+
+def test_seq2seq_backbones_run_without_a_prefix_cache(tiny_seq2seq: Backbone, tiny_causal: Backbone) -> None:
+    with pytest.raises(ValueError, match="attends both ways"):
+        PrefixKVCache(tiny_seq2seq, 2**20)
+    assert prefix_cache_for(_runtime(tiny_seq2seq), Settings()) is None
+    assert prefix_cache_for(_runtime(tiny_causal), Settings(prefix_cache_bytes=0)) is None
+    assert prefix_cache_for(_runtime(tiny_causal), Settings()).max_bytes == 768 * 2**20  # the CPU default
 
 
 def test_prompt_cache_is_keyed_by_version_and_bounded() -> None:

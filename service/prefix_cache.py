@@ -1,0 +1,91 @@
+"""The per-task prefix KV cache: each task's soft prompt Proj_b(z) run through the model once.
+
+For a causal backbone a prompt's keys and values at every layer depend only on the task (its z), never on
+the input, so a served row needs only its input and option tokens once they are cached (`PromptKV`). Entries
+are keyed like the prompt cache, by (task id, vector version): a retrained task has a new version and its
+older entry is dropped; a deleted task is never asked for again and ages out. The bound is in bytes (an
+entry of SmolLM2-135M with n = 20 in fp32 holds 30 layers x keys and values x 3 heads x 20 x 64 x 4 B =
+0.92 MB). It is used from the model thread only (the micro-batcher's), so it needs no lock; the byte gauge
+may be read anywhere.
+
+Seq2seq backbones have no such cache: their encoder attends both ways, so a prompt's states depend on the
+input (the batcher passes the prompts themselves for them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ipt_engine.backbone import Backbone
+from ipt_engine.prompt_kv import PromptKV
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_BYTES = 768 * 2**20  # ~830 tasks of SmolLM2 (n = 20, fp32): the API stays under 2 GB RSS
+ACCELERATOR_DEFAULT_BYTES = 4 * 2**30
+
+Key = tuple[str, int]
+
+
+def default_bytes(device: str) -> int:
+    """The bound when none is configured: modest on a CPU (host memory holds the model too), larger on a GPU."""
+    return CPU_DEFAULT_BYTES if device == "cpu" else ACCELERATOR_DEFAULT_BYTES
+
+
+class PrefixKVCache:
+    """(task id, version) -> PromptKV of one row, least recently used first out, at most `max_bytes` held."""
+
+    def __init__(self, backbone: Backbone, max_bytes: int) -> None:
+        if backbone.is_encoder_decoder:
+            raise ValueError("a seq2seq backbone has no prefix KV cache (its encoder attends both ways)")
+        self.backbone = backbone
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[Key, PromptKV] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._items
+
+    def stacked(self, keys: Sequence[Key], prompts: Tensor) -> PromptKV:
+        """The caches of `keys` (distinct), row i for keys[i], computing the missing ones from prompts [K, n, d]
+        (row i is keys[i]'s prompt) in one forward pass."""
+        missing = [i for i, k in enumerate(keys) if k not in self._items]
+        hits = len(keys) - len(missing)
+        if hits:
+            metrics.PREFIX_CACHE.labels("hit").inc(hits)
+        if missing:
+            metrics.PREFIX_CACHE.labels("miss").inc(len(missing))
+        fresh = dict(zip(missing, self.backbone.prompt_kv(prompts[missing]).split(), strict=True)) if missing else {}
+        rows = []
+        for i, key in enumerate(keys):
+            if i in fresh:
+                rows.append(fresh[i])
+                self._put(key, fresh[i])
+            else:
+                self._items.move_to_end(key)
+                rows.append(self._items[key])
+        return PromptKV.stack(rows)
+
+    def _put(self, key: Key, entry: PromptKV) -> None:
+        for stale in [k for k in self._items if k[0] == key[0] and k != key]:
+            self._drop(stale)  # an older version of a retrained task
+        if entry.nbytes > self.max_bytes:
+            return  # larger than the whole cache (or the cache is off): used once, not kept
+        self._items[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self._items)))
+            metrics.PREFIX_CACHE_EVICTIONS.inc()
+        metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
+
+    def _drop(self, key: Key) -> None:
+        self.nbytes -= self._items.pop(key).nbytes
+        metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
