@@ -37,7 +37,15 @@ from benchmarks.load import BatchStats, LoadResult, ModelBusy, predict_request, 
 from benchmarks.model_setup import add_common_arguments, prepare, subspace_shape
 from benchmarks.redis_server import redis_description, redis_server
 from benchmarks.report import Report, device_description, finish
-from benchmarks.served_app import APP, TaskWriter, category_inputs, prefill_prompt_cache, served_app, service_settings
+from benchmarks.served_app import (
+    APP,
+    TaskWriter,
+    category_inputs,
+    prefill_prefix_cache,
+    prefill_prompt_cache,
+    served_app,
+    service_settings,
+)
 from benchmarks.timing import device_kind, median, ms, ratio, sync, timed
 
 
@@ -95,6 +103,28 @@ def plm_batching(backbone: object, name: str, labels: Sequence[str], inputs: Seq
     return 1 / one, batch / many, one, many
 
 
+def matmul_peak_flops(device: object, dtype: object, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured matmul throughput (FLOP/s): the median of `repeats` size x size products in the
+    model's dtype, the ceiling a forward pass of dense layers can approach."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)  # type: ignore[arg-type]
+    b = torch.randn(size, size, device=device, dtype=dtype)  # type: ignore[arg-type]
+    times = timed(lambda: a @ b, repeats, device, warmup=1)
+    return 2 * size ** 3 / median(times)
+
+
+def request_tokens(backbone: object, name: str, labels: Sequence[str], inputs: Sequence[str]) -> tuple[float, float]:
+    """(mean source tokens, option tokens summed over the labels) of one served request, as the backbone tokenizes
+    them: what a forward pass computes for a row besides its prompt."""
+    from ipt_engine.tasks import TaskKind, to_text_pair
+
+    tok = backbone.tokenizer  # type: ignore[attr-defined]
+    sources = [len(tok(to_text_pair(name, TaskKind.CLASSIFICATION, x).source).input_ids) for x in inputs]
+    options = sum(len(tok(" " + label, add_special_tokens=False).input_ids) + 1 for label in labels)  # + EOS
+    return sum(sources) / len(sources), float(options)
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     import torch
@@ -123,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
             batch_max_pending=max(int(defaults["batch_max_pending"].default), 4 * concurrency * per_request))
         runtime = load_runtime(settings)  # the app below reuses this process-wide runtime
         device = runtime.backbone.device
+        # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
+        # would miss every time); its bytes per task are reported below
+        per_task_kv = runtime.backbone.prompt_kv(
+            torch.zeros(1, runtime.subspace.config.n_prompt, runtime.backbone.hidden_size, device=device)).nbytes
+        settings = settings.model_copy(update={"prefix_cache_bytes": per_task_kv * (counts[-1] + 1)})
         n_requests = args.requests or (48 if args.quick else 1024 if device.type == "cuda" else 384)
         store = TaskStore(connect(settings))
         name, labels, inputs = category_inputs()
@@ -134,12 +169,21 @@ def main(argv: Sequence[str] | None = None) -> Report:
         batched: dict[int, tuple[LoadResult, BatchStats, float]] = {}
         with served_app(settings) as (base, app):
             fill_s = prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
+            kv_fill_s = prefill_prefix_cache(app, runtime, store, ids[:counts[-1]])
             run_load(base, warm, concurrency)  # untimed: kernels, connections, batch rhythm
             for k in counts:
                 before = BatchStats.snapshot()
                 with ModelBusy() as busy:
                     result = run_load(base, streams[k], concurrency)
                 batched[k] = (result, BatchStats.snapshot().since(before), busy.seconds / result.wall)
+            kv_held = app.state.batcher.prefix_cache.nbytes if app.state.batcher.prefix_cache else 0
+        with served_app(settings.model_copy(update={"prefix_cache_bytes": 0})) as (base, app):
+            prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
+            run_load(base, warm, concurrency)
+            before = BatchStats.snapshot()
+            with ModelBusy() as busy:
+                no_kv = run_load(base, streams[counts[-1]], concurrency)
+            no_kv_stats, no_kv_busy = BatchStats.snapshot().since(before), busy.seconds / no_kv.wall
         with served_app(settings.model_copy(update={"batch_max_size": 1})) as (base, app):
             prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
             run_load(base, warm[:2], 1)
@@ -156,6 +200,14 @@ def main(argv: Sequence[str] | None = None) -> Report:
             prompt = runtime.subspace.decode(torch.from_numpy(stored[0])[None].to(device))
         one_1, one_b, one_1_s, one_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats, prompt)
         n_prompt = runtime.subspace.config.n_prompt
+        peak = matmul_peak_flops(device, runtime.backbone.dtype)
+        params = sum(p.numel() for p in runtime.backbone.model.parameters())
+        src_tokens, option_tokens = request_tokens(runtime.backbone, name, labels, inputs)
+
+        def flop_share(throughput: float, prompt_tokens: int) -> str:
+            """Model FLOP/s (2 x parameters per token computed) as a share of the measured matmul peak."""
+            tokens = (prompt_tokens + src_tokens + option_tokens) * per_request
+            return f"{2 * params * tokens * throughput / per_request / peak:.1%}"
 
         single = batched[counts[0]][0].throughput
         report = Report(
@@ -169,31 +221,52 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"prompt cache filled with the stream's tasks before timing ({counts[-1]} Proj_b(z) in {fill_s:.1f} s)",
             ],
             header=["configuration", "tasks requested", "examples/s", "p50 latency", "p99 latency",
-                    "inputs per forward", "tasks per forward", "model busy", "vs 1 task", "vs per-request server"])
+                    "inputs per forward", "tasks per forward", "model busy", "vs 1 task", "vs per-request server",
+                    "model FLOP/s of peak"])
+        cached = "prefix KV cache on" if kv_held else "no prefix KV cache (seq2seq)"
         for k in counts:
             result, stats, busy_share = batched[k]
-            report.add(f"batched server, {k} task{'s' if k > 1 else ''} in the stream", min(k, n_requests),
+            report.add(f"batched server, {k} task{'s' if k > 1 else ''} in the stream ({cached})", min(k, n_requests),
                        f"{result.throughput:.2f}", ms(result.p50), ms(result.p99), f"{stats.mean_inputs:.1f}",
                        f"{stats.mean_tasks:.1f}", f"{busy_share:.0%}", ratio(result.throughput, single),
-                       ratio(result.throughput, per_request_result.throughput))
+                       ratio(result.throughput, per_request_result.throughput),
+                       flop_share(result.throughput, 0 if kv_held else n_prompt))
             report.values[f"model_busy_{k}"] = busy_share
             report.values[f"throughput_{k}"] = result.throughput
             report.values[f"p50_{k}"], report.values[f"p99_{k}"] = result.p50, result.p99
             report.values[f"tasks_per_forward_{k}"] = stats.mean_tasks
             report.values[f"inputs_per_forward_{k}"] = stats.mean_inputs
+        report.add(f"batched server, {counts[-1]} tasks, prefix KV cache off (IPT_PREFIX_CACHE_BYTES=0)",
+                   min(counts[-1], n_requests), f"{no_kv.throughput:.2f}", ms(no_kv.p50), ms(no_kv.p99),
+                   f"{no_kv_stats.mean_inputs:.1f}", f"{no_kv_stats.mean_tasks:.1f}", f"{no_kv_busy:.0%}",
+                   ratio(no_kv.throughput, single), ratio(no_kv.throughput, per_request_result.throughput),
+                   flop_share(no_kv.throughput, n_prompt))
         report.add(f"one request per forward (IPT_BATCH_MAX_SIZE=1), {counts[-1]} tasks", min(counts[-1], n_requests),
                    f"{per_request_result.throughput:.2f}", ms(per_request_result.p50), ms(per_request_result.p99),
                    f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tasks:.1f}",
-                   f"{per_request_busy:.0%}", ratio(per_request_result.throughput, single), "1.00x")
+                   f"{per_request_busy:.0%}", ratio(per_request_result.throughput, single), "1.00x",
+                   flop_share(per_request_result.throughput, 0 if kv_held else n_prompt))
         report.add("bare PLM (engine, no prompt), batch 1", "-", f"{bare_1:.2f}", ms(bare_1_s), "-", "1", "-", "-",
-                   "-", "-")
+                   "-", "-", "-")
         report.add(f"bare PLM (engine, no prompt), batch {batch}", "-", f"{bare_b:.2f}", ms(bare_b_s), "-", str(batch),
-                   "-", "-", "-", "-")
+                   "-", "-", "-", "-", "-")
         report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch 1", "1", f"{one_1:.2f}", ms(one_1_s),
-                   "-", "1", "1", "-", "-", "-")
+                   "-", "1", "1", "-", "-", "-", "-")
         report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch {batch}", "1", f"{one_b:.2f}",
-                   ms(one_b_s), "-", str(batch), "1", "-", "-", "-")
+                   ms(one_b_s), "-", str(batch), "1", "-", "-", "-", "-")
         most = batched[counts[-1]][0].throughput
+        kv_gain = most / no_kv.throughput
+        report.values.update({"prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
+                              "matmul_peak_flops": peak, "prefix_cache_bytes_per_task": per_task_kv,
+                              "prefix_cache_bytes_held": kv_held})
+        report.context.append(
+            f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions), filled with the "
+            f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held); matmul peak measured "
+            f"here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request computes ~{src_tokens:.0f} "
+            f"source + {option_tokens:.0f} option tokens (+ {n_prompt} prompt tokens without the cache)")
+        report.notes.insert(0, f"prefix KV cache, {counts[-1]} tasks: {kv_gain:.2f}x the throughput without it "
+                               f"(target >= 2.0x: {'met' if kv_gain >= 2.0 else 'NOT met'}); p50 latency "
+                               f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}")
         mixed_gain = most / per_request_result.throughput
         bare_gain = bare_b / bare_1
         prompted_gain = one_b / one_1
