@@ -20,7 +20,7 @@ from service.predictor import MicroBatcher, PromptCache
 from service.prefix_cache import PrefixKVCache, default_bytes
 from service.redis_connection import connect
 from service.request_metrics import RequestMetrics
-from service.routes import health, tasks
+from service.routes import events, health, tasks
 from service.runtime import Runtime, load_runtime
 from service.settings import Settings
 from service.task_store import TaskStore
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.inflight = Inflight(settings.max_inflight_requests)
     app.include_router(health.router)
     app.include_router(tasks.router)
+    app.include_router(events.router)
     register_error_handlers(app)
     # middleware added later wraps what was added before: RequestMetrics -> BodySizeLimit -> InflightLimit, so
     # that every answer is counted: refused bodies (413), shed requests (503) and unhandled errors (500) too

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import redis
 
+from service import task_events
+
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 STATUS_COUNTS_KEY = "ipt:stats:tasks_by_status"
@@ -208,6 +210,8 @@ class TaskStore:
         pipe.zadd(f"ipt:tenant:{owner}:tasks", {task_id: now})
         pipe.sadd(self._active_key(owner), task_id)
         pipe.hincrby(STATUS_COUNTS_KEY, TaskStatus.QUEUED.value, 1)
+        task_events.record(pipe, task_id, "created", name=name, kind=kind, labels=labels, d_intrinsic=d_intrinsic)
+        task_events.record(pipe, task_id, "queued")
         pipe.execute()
         if idempotency_key:
             # the task exists before the key points at it, so a concurrent request never sees a dangling key
@@ -336,17 +340,19 @@ class TaskStore:
         return found
 
     # ---------------------------------------------------------------------------------- state changes
-    def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any]) -> bool:
+    def _update_if(self, task_id: str, allowed: set[TaskStatus], mapping: dict[str, Any],
+                   event: tuple[str, dict[str, Any]] | None = None) -> bool:
         """Apply `mapping` only when the task exists and is in one of `allowed` states (atomically)."""
         to = TaskStatus(mapping["status"]) if "status" in mapping else None
         return self._transition(task_id, allowed, lambda pipe, key: pipe.hset(
-            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}), to=to)
+            key, mapping={k: ("" if v is None else v) for k, v in mapping.items()}), to=to, event=event)
 
     def _transition(self, task_id: str, allowed: set[TaskStatus], write: Callable[[Any, str], Any],
-                    to: TaskStatus | None = None) -> bool:
+                    to: TaskStatus | None = None, event: tuple[str, dict[str, Any]] | None = None) -> bool:
         """Run `write(pipeline, key)` in a transaction, only while the task is in an `allowed` state
         (optimistic locking with WATCH: a concurrent change retries the check). A change of status to `to`
-        moves the task between the status counters; a final `to` also takes it out of its owner's active set."""
+        moves the task between the status counters; a final `to` also takes it out of its owner's active set.
+        `event` (type, data) is appended to the task's events in the same transaction."""
         key = self._key(task_id)
         with self.r.pipeline() as pipe:
             while True:
@@ -358,6 +364,8 @@ class TaskStore:
                         return False
                     pipe.multi()
                     write(pipe, key)
+                    if event is not None:
+                        task_events.record(pipe, task_id, event[0], **event[1])
                     if to is not None and to.value != status.decode():
                         pipe.hincrby(STATUS_COUNTS_KEY, status.decode(), -1)
                         pipe.hincrby(STATUS_COUNTS_KEY, to.value, 1)
@@ -372,13 +380,15 @@ class TaskStore:
         """Queued (or running, on a retry) -> running."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
                                {"status": TaskStatus.RUNNING.value, "started_at": now_s(),
-                                "progress_total": total_steps, "progress_step": 0})
+                                "progress_total": total_steps, "progress_step": 0},
+                               event=("started", {"total_steps": total_steps}))
 
     def claim(self, task_id: str, job_id: str) -> bool:
         """Queued -> running, only if still queued: job `job_id` takes the task into its batch (and
         remembers it, so that a retry of that job takes it again)."""
         if not self._update_if(task_id, {TaskStatus.QUEUED}, {"status": TaskStatus.RUNNING.value,
-                                                              "started_at": now_s(), "claimed_by": job_id}):
+                                                              "started_at": now_s(), "claimed_by": job_id},
+                               event=("started", {})):
             return False
         self.r.sadd(f"ipt:claims:{job_id}", task_id)
         self.r.expire(f"ipt:claims:{job_id}", IDEMPOTENCY_TTL_S)
@@ -399,12 +409,15 @@ class TaskStore:
         dev, norm, seconds) is appended to its history (the last MAX_HISTORY kept). The task's one worker is
         its only writer, so reading and rewriting the history cannot lose another writer's entry."""
         fields: dict[str, Any] = {"progress_step": step, "progress_dev": dev}
+        event: tuple[str, dict[str, Any]] | None = None
         if entry is not None:
             old = self.r.hget(self._key(task_id), "progress_history")
             history = json.loads(old) if old else []
-            history.append({k: (round(float(v), 6) if v is not None else None) for k, v in entry.items()})
+            point = {k: (round(float(v), 6) if v is not None else None) for k, v in entry.items()}
+            history.append(point)
             fields["progress_history"] = json.dumps(history[-MAX_HISTORY:])
-        self._update_if(task_id, {TaskStatus.RUNNING}, fields)
+            event = ("evaluation", point)
+        self._update_if(task_id, {TaskStatus.RUNNING}, fields, event=event)
 
     def set_bare_dev_score(self, task_id: str, score: float) -> None:
         """The bare model's dev score of a running task (kept after it succeeds: one float)."""
@@ -422,17 +435,20 @@ class TaskStore:
             pipe.hdel(key, *DROPPED_ON_SUCCESS)
             pipe.hincrby(key, "version", 1)
 
-        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, to=TaskStatus.SUCCEEDED)
+        return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, to=TaskStatus.SUCCEEDED,
+                                event=("succeeded", {"dev_score": round(float(dev_score), 6), "steps": steps}))
 
     def mark_failed(self, task_id: str, code: str, message: str) -> bool:
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
                                {"status": TaskStatus.FAILED.value, "finished_at": now_s(),
-                                "error": json.dumps({"code": code, "message": message[:2000]})})
+                                "error": json.dumps({"code": code, "message": message[:2000]})},
+                               event=("failed", {"code": code, "message": message[:2000]}))
 
     def cancel(self, task_id: str) -> bool:
         """Queued or running -> cancelled (a running job notices and stops). False when already final."""
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
-                               {"status": TaskStatus.CANCELLED.value, "finished_at": now_s()})
+                               {"status": TaskStatus.CANCELLED.value, "finished_at": now_s()},
+                               event=("cancelled", {}))
 
     def delete(self, task_id: str, owner: str) -> bool:
         """Delete the owner's task (record, vector, index entries); False when it is not theirs or gone."""
@@ -446,7 +462,7 @@ class TaskStore:
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    pipe.delete(key, f"{key}:z")
+                    pipe.delete(key, f"{key}:z", task_events.events_key(task_id))
                     pipe.zrem(f"ipt:tenant:{owner}:tasks", task_id)
                     pipe.srem(self._active_key(owner), task_id)
                     pipe.hincrby(STATUS_COUNTS_KEY, status.decode(), -1)
