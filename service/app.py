@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -20,7 +21,7 @@ from service.predictor import MicroBatcher, PromptCache
 from service.prefix_cache import PrefixKVCache, default_bytes
 from service.redis_connection import connect
 from service.request_metrics import RequestMetrics
-from service.routes import events, health, tasks
+from service.routes import events, health, playground, tasks
 from service.runtime import Runtime, load_runtime
 from service.settings import Settings
 from service.task_store import TaskStore
@@ -127,6 +128,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(health.router)
     app.include_router(tasks.router)
     app.include_router(events.router)
+    app.include_router(playground.router)
+    app.mount("/static", StaticFiles(directory=str(playground.STATIC_DIR)), name="static")
     register_error_handlers(app)
     # middleware added later wraps what was added before: RequestMetrics -> BodySizeLimit -> InflightLimit, so
     # that every answer is counted: refused bodies (413), shed requests (503) and unhandled errors (500) too
