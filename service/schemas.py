@@ -3,7 +3,7 @@ text that UTF-8 cannot encode (a lone surrogate) and NaN or infinite numbers."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,3 +137,52 @@ class SimilarTask(BaseModel):
 class SimilarResponse(BaseModel):
     task_id: str
     similar: list[SimilarTask]
+
+
+class AdapterIn(Strict):
+    """A PEFT prompt-tuning adapter directory's two files."""
+
+    config: dict[str, Any] = Field(description="the object of adapter_config.json (peft_type PROMPT_TUNING, "
+                                               "task_type CAUSAL_LM, base_model_name_or_path, num_virtual_tokens, "
+                                               "token_dim, ...)")
+    weights: str = Field(min_length=1, description="adapter_model.safetensors, base64-encoded (tensor "
+                                                   "`prompt_embeddings` [num_virtual_tokens, token_dim]); "
+                                                   "PEFT's pickled adapter_model.bin is not accepted")
+
+
+class TaskImport(Strict):
+    """A task from a PEFT prompt-tuning adapter, with or without examples."""
+
+    name: Text = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$", description=(
+        "the task name: it is part of every input's format ('{name}: {input}'), so give the one the prompt was "
+        "trained with (an export's ipt_format.json has it as task_name)"))
+    kind: Kind | None = Field(None, description="default: inferred from the examples, else classification when "
+                                                "labels are given")
+    labels: list[Text] | None = Field(None, description="classification tasks: the label set (required without "
+                                                        "examples)")
+    train: list[ExampleIn] | None = Field(None, description="optional examples: with them the import reports "
+                                                            "dev scores of the imported prompt vs its z")
+    dev: list[ExampleIn] | None = Field(None, description="dev examples (default: a quarter of train)")
+    adapter: AdapterIn
+
+
+class DevComparison(BaseModel):
+    """Dev scores of the imported prompt against the z that now stands for it (with examples only)."""
+
+    imported_prompt: float = Field(description="the adapter's own prompt")
+    vector: float = Field(description="Proj_b(z), the prompt the task now predicts with (its dev_score)")
+    bare_model: float = Field(description="the model without a prompt")
+    examples: int = Field(description="dev examples scored")
+
+
+class ImportReport(BaseModel):
+    relative_error: float = Field(description="|Proj_b(z) - P| / |P| (Frobenius) for the imported prompt P: how "
+                                              "much of the prompt the subspace does not reconstruct (0 = all)")
+    iterations: int = Field(description="Levenberg-Marquardt iterations of the least-squares fit of z")
+    dev: DevComparison | None = Field(None, description="with examples: dev scores of the prompt vs its z")
+    note: str | None = Field(None, description="set when the subspace reconstructs the prompt poorly")
+
+
+class TaskImportOut(BaseModel):
+    task: TaskOut = Field(description="the new task, `succeeded` at once: only z is stored")
+    fit: ImportReport

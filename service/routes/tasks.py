@@ -293,3 +293,9 @@ def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {task_id!r} has no vector yet")
     return SimilarResponse(task_id=task_id, similar=[SimilarTask(id=n.id, name=clean_text(n.name), cosine=n.cosine)
                                                      for n in nearest])
+
+
+# export and import (service/routes/portability.py) live under /tasks too; that module builds on the helpers above
+from service.routes import portability  # noqa: E402
+
+router.include_router(portability.router)
