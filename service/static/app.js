@@ -104,7 +104,8 @@ function setError(field, text) {
 
 function showCreateErrors(err) {
   document.querySelectorAll("#create-form .field-error").forEach((e) => { e.textContent = ""; });
-  if (err && Array.isArray(err.detail)) {
+  if (!err) return;
+  if (Array.isArray(err.detail)) {
     for (const d of err.detail) {
       const loc = (d.loc || []).filter((x) => x !== "body");
       const field = ["name", "labels", "kind", "train"].includes(loc[0]) ? loc[0] : "_form";
