@@ -45,7 +45,7 @@ from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
 from ipt_engine.prompt_tuning import prompt_tune
 from ipt_engine.subspace import ProjB, SubspaceConfig
-from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, save_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, WEIGHTS_FILE, load_artifact, save_artifact
 from ipt_engine.tasks import Task, TaskKind
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,13 @@ class ExperimentRun:
         cfg = self.config
         out = self.dir / "msf" / f"dI{d}"
         if (out / "subspace.json").is_file() and (out / "task_vectors.safetensors").is_file():
+            if not (out / WEIGHTS_FILE).is_file():
+                # a run directory restored from git (the weights are not committed): recomputing MSF would
+                # give another Proj_b than the one the stages after it used
+                raise FileNotFoundError(
+                    f"{out / WEIGHTS_FILE} is missing but the stages after MSF may have used it; copy it back, or "
+                    f"delete {out}, {self.dir / 'ist' / f'dI{d}'} and {self.dir / 'controls' / f'dI{d}-z0.json'} "
+                    f"(and recon/dI{d}.json, ipt_pt/dI{d}-*) to recompute them from a new MSF")
             return out
         tasks = self.tasks(self.train_names, cfg.data_seed)
         prompts = stack_for(self.train_names, train_prompts, "PT prompts") if cfg.with_proj else None

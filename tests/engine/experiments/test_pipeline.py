@@ -101,6 +101,13 @@ def test_run_resume_and_report(tmp_path: Path, pool_dir: Path, tiny_model_dirs: 
     with pytest.raises(ValueError, match=r"k_per_class, pt\.max_steps differ"):
         run_experiment(changed, run_dir, pool_dir)
     ExperimentRun(ExperimentConfig(**{**cfg.to_dict(), "stability_seeds": [0, 1, 2]}), run_dir, pool_dir)
+    # a run directory restored without MSF's weights (they are not committed) refuses to redo MSF silently
+    weights = run_dir / "msf" / "dI2" / "subspace.safetensors"
+    saved = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"subspace\.safetensors is missing .* delete"):
+        run_experiment(cfg, run_dir, pool_dir)
+    weights.write_bytes(saved)
 
     report = write_report(run_dir)
     text = report.read_text()
