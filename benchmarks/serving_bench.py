@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                     result = run_load(base, streams[k], concurrency)
                 batched[k] = (result, BatchStats.snapshot().since(before), busy.seconds / result.wall)
             kv_held = app.state.batcher.prefix_cache.nbytes if app.state.batcher.prefix_cache else 0
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         with served_app(settings.model_copy(update={"prefix_cache_bytes": 0})) as (base, app):
             prefill_prompt_cache(app, runtime, store, ids[:counts[-1]])
             run_load(base, warm, concurrency)
@@ -258,10 +260,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
         kv_gain = most / no_kv.throughput
         report.values.update({"prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
                               "matmul_peak_flops": peak, "prefix_cache_bytes_per_task": per_task_kv,
-                              "prefix_cache_bytes_held": kv_held})
+                              "prefix_cache_bytes_held": kv_held, "peak_rss_bytes": peak_rss})
         report.context.append(
             f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions), filled with the "
-            f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held); matmul peak measured "
+            f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held; peak RSS of this process, "
+            f"which serves the app, with them: {peak_rss / 1e9:.2f} GB); matmul peak measured "
             f"here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request computes ~{src_tokens:.0f} "
             f"source + {option_tokens:.0f} option tokens (+ {n_prompt} prompt tokens without the cache)")
         bound = (n_prompt + src_tokens + option_tokens) / (src_tokens + option_tokens)
