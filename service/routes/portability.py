@@ -1,8 +1,9 @@
 """Task portability routes: GET /tasks/{id}/export (a zip of a PEFT prompt-tuning adapter or of plain
 embeddings) and POST /tasks/import (a PEFT prompt-tuning adapter in as a task, with or without examples).
 
-The router is included by service/routes/tasks.py's router (prefix /tasks); the tensor work is in
-service/portability.py."""
+The routes join service/routes/tasks.py's router (prefix /tasks), which imports this module: an included
+router of its own would be served under /tasks too, but its requests would be counted in the metrics under
+its own relative paths. The tensor work is in service/portability.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import binascii
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import HTTPException, Query, Request, Response, status
 
 from ipt_engine.errors import InvalidTaskError
 from ipt_engine.portability import AdapterMismatchError
@@ -19,12 +20,11 @@ from ipt_engine.tasks import TaskKind
 from service import portability
 from service.deps import RuntimeDep, SettingsDep, StoreDep, TenantDep, limit_creates
 from service.errors import error_responses
-from service.routes.tasks import TaskId, _build_task, _check_limits, _owned, _too_large, task_out
+from service.routes.tasks import TaskId, _build_task, _check_limits, _owned, _too_large, router, task_out
 from service.schemas import DevComparison, ImportReport, TaskCreate, TaskImport, TaskImportOut
 from service.task_store import TaskStatus
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": (
     "a zip of the export directory. peft: adapter_config.json + adapter_model.safetensors (loads with "
@@ -59,7 +59,7 @@ def export_task(store: StoreDep, tenant: TenantDep, runtime: RuntimeDep,
 
 
 @router.post("/import", status_code=status.HTTP_201_CREATED, response_model=TaskImportOut,
-             responses=error_responses(400, 401, 413, 422, 429, 503))
+             responses=error_responses(400, 401, 409, 413, 422, 429, 503))
 def import_task(body: TaskImport, request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                 tenant: TenantDep, runtime: RuntimeDep) -> TaskImportOut:
     """A task from a PEFT prompt-tuning adapter trained elsewhere: z is the least-squares fit of the adapter's

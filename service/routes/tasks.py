@@ -295,7 +295,6 @@ def similar_tasks(store: StoreDep, tenant: TenantDep, k: int = Query(5, ge=1, le
                                                      for n in nearest])
 
 
-# export and import (service/routes/portability.py) live under /tasks too; that module builds on the helpers above
-from service.routes import portability  # noqa: E402
-
-router.include_router(portability.router)
+# export and import (service/routes/portability.py) are routes of this router; that module builds on the helpers
+# above, so it is imported last
+from service.routes import portability  # noqa: E402, F401

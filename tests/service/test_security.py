@@ -44,13 +44,19 @@ from tests.service.test_api import task_body
 
 PUBLIC_ROUTES = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")}
 """Routes without tenant data: no key needed."""
-COLLECTION_ROUTES = {("GET", "/tasks"), ("POST", "/tasks")}
+COLLECTION_ROUTES = {("GET", "/tasks"), ("POST", "/tasks"), ("POST", "/tasks/import")}
 """Routes over the caller's own tasks (checked by test_collections_never_show_another_tenants_tasks)."""
 REQUEST_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/tasks"): task_body(name="security"),
     ("POST", "/tasks/{task_id}/predict"): {"inputs": ["the movie was great"]},
+    # a well-formed import whose adapter does not fit (422 once authenticated): the key is checked first;
+    # tests/service/test_portability.py imports real adapters and checks who owns the task
+    ("POST", "/tasks/import"): {"name": "security", "kind": "generation",
+                                "adapter": {"config": {"peft_type": "PROMPT_TUNING"}, "weights": "AA=="}},
 }
 """A valid body for each route that takes one, so that a refusal is about the tenant, not the body."""
+REQUEST_PARAMS: dict[tuple[str, str], dict[str, str]] = {("GET", "/tasks/{task_id}/export"): {"format": "peft"}}
+"""Required query parameters of a route, for the same reason."""
 
 
 SCHEMA_PATHS: dict[str, Any] = create_app(Settings(subspace=None, redis_url="redis://unused")).openapi()["paths"]
@@ -75,7 +81,8 @@ def test_every_route_is_covered_by_the_isolation_tests() -> None:
 
 
 def _request(client: httpx.Client, method: str, path: str, task_id: str) -> httpx.Response:
-    return client.request(method, path.format(task_id=task_id), json=REQUEST_BODIES.get((method, path)))
+    return client.request(method, path.format(task_id=task_id), json=REQUEST_BODIES.get((method, path)),
+                          params=REQUEST_PARAMS.get((method, path)))
 
 
 def _snapshot(client: httpx.Client, task_id: str, settings: Settings) -> tuple[dict, bytes | None]:
