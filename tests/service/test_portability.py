@@ -304,3 +304,29 @@ def test_the_cli_exports_and_imports_against_the_running_app(server: str, alice:
     result = runner.invoke(ipt_app, ["task", "import", str(tmp_path / "a"), *common])
     assert result.exit_code == 2 and "9 virtual tokens" in result.output
     assert load_file(str(tmp_path / "a" / "adapter_model.safetensors"))["prompt_embeddings"].shape[0] == 2
+
+
+def test_an_adapter_saved_by_peft_imports_as_the_z_closest_to_it(peft, server: str, alice: httpx.Client,
+                                                                  env_settings: Settings, tiny_model_dirs: dict,
+                                                                  tmp_path: Path) -> None:
+    """An adapter PEFT itself wrote (get_peft_model + save_pretrained), holding a prompt inside the service's
+    subspace, comes back through `ipt task import` as that z, and the task predicts."""
+    from service.runtime import load_runtime
+
+    proj_b = load_runtime(env_settings).subspace.proj_b
+    z_true = torch.tensor([0.3, -0.7, 1.1, 0.5])
+    with torch.no_grad():
+        inside = proj_b(z_true[None])[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(inside)
+    model.save_pretrained(str(tmp_path / "trained"))
+    result = CliRunner().invoke(ipt_app, ["task", "import", str(tmp_path / "trained"), "--name", "sentiment",
+                                          "--kind", "classification", "--label", "negative", "--label", "positive",
+                                          "--url", server, "--api-key", "key-alice"])
+    assert result.exit_code == 0, result.output
+    new_id = result.output.split()[1]
+    stored = TaskStore(connect(env_settings)).vector(new_id)
+    assert stored is not None and np.allclose(stored[0], z_true.numpy(), atol=2e-3)
+    assert all(p["output"] in LABELS for p in predict(alice, new_id))
