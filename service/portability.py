@@ -108,6 +108,7 @@ def export_readme(fmt: ExportFormat, name: str, base_model: str, n: int, dtype: 
         return head + f"""Files: `{PEFT_CONFIG_FILE}`, `{PEFT_WEIGHTS_FILE}` (a PEFT PROMPT_TUNING adapter).
 
 ```python
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,6 +128,7 @@ dtype and the base model). Prepend it to the token embeddings of the source (and
 transformers:
 
 ```python
+import torch
 from safetensors.torch import load_file
 soft = load_file("THIS_DIR/{EMBEDDINGS_FILE}")["{EMBEDDINGS_KEY}"].to(model.dtype)
 ids = tok({source}, add_special_tokens=True).input_ids + target_ids

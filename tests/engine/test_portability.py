@@ -131,8 +131,13 @@ def test_a_peft_trained_adapter_imports_as_the_closest_z(peft, tiny_model_dirs: 
     fit = fit_vector(proj_b, prompt)
     assert fit.relative_error < 1e-4 and torch.allclose(fit.z, z_true, atol=1e-3)
     # a prompt outside the subspace is fitted as well as it can be, and the error says how well
-    outside = fit_vector(proj_b, torch.randn(4, d, generator=torch.Generator().manual_seed(2)))
-    assert 0.1 < outside.relative_error <= 1.0
+    random_prompt = torch.randn(4, d, generator=torch.Generator().manual_seed(2))
+    outside = fit_vector(proj_b, random_prompt)
+    # the fit starts at z = 0, where Proj_b(0) is the output bias (not 0): its error can stay above 1, never above
+    # the start's (a bound of 1 held or not with the random Proj_b, depending on which tests ran before: seen)
+    with torch.no_grad():
+        at_start = float((proj_b(torch.zeros(1, 3))[0] - random_prompt).norm() / random_prompt.norm())
+    assert 0.1 < outside.relative_error <= at_start
 
 
 def test_adapters_that_do_not_fit_are_refused_naming_what_differs(tmp_path: Path) -> None:

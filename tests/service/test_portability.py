@@ -226,7 +226,7 @@ def test_a_prompt_outside_the_subspace_imports_with_its_error_reported(alice: ht
     r = alice.post("/tasks/import", json=import_body(files))
     assert r.status_code == 201, r.text
     fit = r.json()["fit"]
-    assert 0.5 < fit["relative_error"] <= 1.0 and "reconstructs the prompt poorly" in fit["note"]
+    assert fit["relative_error"] > 0.5 and "reconstructs the prompt poorly" in fit["note"]
 
 
 @pytest.mark.parametrize(("change", "message"), [
