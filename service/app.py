@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("%s", auth_mode(settings))  # at warning level: shown whatever the log configuration
-        app.state.store = TaskStore(connect(settings, fail_fast=True))
+        app.state.store = TaskStore(connect(settings, fail_fast=True), vector_dtype=settings.vector_dtype)
         app.state.prompt_cache = PromptCache(settings.prompt_cache_size)
         app.state.batcher = None
 

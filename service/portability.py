@@ -42,7 +42,7 @@ from ipt_engine.tasks import Task
 from service.predictor import decode_prompt
 from service.runtime import Runtime
 from service.safe_text import clean_text
-from service.task_store import DROPPED_ON_SUCCESS, TaskStatus, TaskStore, encode_vector, now_s
+from service.task_store import TaskStore
 
 ExportFormat = Literal["peft", "embeddings"]
 EmbeddingsDtype = Literal["float32", "float16", "bfloat16"]
@@ -201,21 +201,8 @@ def dev_scores(runtime: Runtime, task: Task, imported: ImportedPrompt) -> DevSco
     return DevScores(float(by_prompt), float(by_vector), float(bare), len(task.dev))
 
 
-def store_imported(store: TaskStore, task_id: str, z: np.ndarray, dev: DevScores | None,
-                   vector_dtype: str) -> bool:
+def store_imported(store: TaskStore, task_id: str, z: np.ndarray, dev: DevScores | None) -> bool:
     """A created (queued) task becomes `succeeded` with z, at once: no IST ran. Its dev score and the bare
     model's are set when examples gave a dev split, else left empty. False if the task went meanwhile."""
-    encoded = encode_vector(z, vector_dtype)
-    fields: dict[str, Any] = {"status": TaskStatus.SUCCEEDED.value, "finished_at": now_s(), "steps": 0}
-    if dev is not None:
-        fields.update(dev_score=round(dev.vector, 6), bare_dev_score=round(dev.bare, 6))
-
-    def write(pipe: Any, key: str) -> None:
-        pipe.set(f"{key}:z", encoded)
-        pipe.hset(key, mapping=fields)
-        pipe.hdel(key, *DROPPED_ON_SUCCESS)
-        pipe.hincrby(key, "version", 1)
-
-    # the same transition as TaskStore.mark_succeeded (status counters, active set), with no dev score required
-    return store._transition(task_id, {TaskStatus.QUEUED}, write, to=TaskStatus.SUCCEEDED)
+    return store.mark_imported(task_id, z, dev.vector if dev else None, dev.bare if dev else None)
 

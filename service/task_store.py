@@ -438,6 +438,27 @@ class TaskStore:
         return self._transition(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING}, write, to=TaskStatus.SUCCEEDED,
                                 event=("succeeded", {"dev_score": round(float(dev_score), 6), "steps": steps}))
 
+    def mark_imported(self, task_id: str, z: np.ndarray, dev_score: float | None = None,
+                      bare_dev_score: float | None = None) -> bool:
+        """A queued task whose z came from an imported prompt (no IST ran) becomes `succeeded` at once; its dev
+        scores are set when examples gave a dev split. False if the task was cancelled or deleted meanwhile."""
+        encoded = encode_vector(z, self.vector_dtype)
+        fields: dict[str, Any] = {"status": TaskStatus.SUCCEEDED.value, "finished_at": now_s(), "steps": 0}
+        if dev_score is not None:
+            fields["dev_score"] = round(float(dev_score), 6)
+        if bare_dev_score is not None:
+            fields["bare_dev_score"] = round(float(bare_dev_score), 6)
+
+        def write(pipe: Any, key: str) -> None:
+            pipe.set(f"{key}:z", encoded)
+            pipe.hset(key, mapping=fields)
+            pipe.hdel(key, *DROPPED_ON_SUCCESS)
+            pipe.hincrby(key, "version", 1)
+
+        return self._transition(task_id, {TaskStatus.QUEUED}, write, to=TaskStatus.SUCCEEDED,
+                                event=("succeeded", {"imported": True, "dev_score": fields.get("dev_score"),
+                                                     "steps": 0}))
+
     def mark_failed(self, task_id: str, code: str, message: str) -> bool:
         return self._update_if(task_id, {TaskStatus.QUEUED, TaskStatus.RUNNING},
                                {"status": TaskStatus.FAILED.value, "finished_at": now_s(),

@@ -109,7 +109,7 @@ def import_task(body: TaskImport, request: Request, response: Response, settings
     limit_creates(request, tenant, store)  # only an import that will create a task counts
     record, _ = store.create(tenant, body.name, kind.value, labels, runtime.subspace.config.d_intrinsic,
                              runtime.artifact_id)
-    if not portability.store_imported(store, record.id, imported.z, dev, settings.vector_dtype):
+    if not portability.store_imported(store, record.id, imported.z, dev):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {record.id!r} was deleted while it was imported")
     done = store.get(record.id)
     assert done is not None

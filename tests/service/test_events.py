@@ -92,3 +92,17 @@ def test_cancel_and_failure_are_events_and_events_are_bounded(alice: httpx.Clien
     last = task_events.after(store.r, record.id, "0-0", 1000)[-1]
     assert last.type == "failed" and last.data == {"code": "invalid_input", "message": "row 3 is empty"}
     store.delete(record.id, "tenant-x")
+
+
+def test_an_imported_task_ends_its_story_at_once(env_settings: Settings) -> None:
+    """A task whose z came from an imported prompt is succeeded without IST: its stream ends with that event."""
+    import numpy as np
+
+    store = TaskStore(connect(env_settings))
+    record, _ = store.create("tenant-y", "imported", "classification", ["a", "b"], 4, "art")
+    assert store.mark_imported(record.id, np.ones(4, dtype=np.float32), dev_score=0.75)
+    events = task_events.after(store.r, record.id)
+    assert [e.type for e in events] == ["created", "queued", "succeeded"]
+    assert events[-1].data == {"imported": True, "dev_score": 0.75, "steps": 0}
+    assert not store.mark_imported(record.id, np.ones(4, dtype=np.float32))  # only a queued task
+    store.delete(record.id, "tenant-y")

@@ -44,7 +44,7 @@ from tests.service.test_api import task_body
 
 PUBLIC_ROUTES = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")}
 """Routes without tenant data: no key needed."""
-COLLECTION_ROUTES = {("GET", "/tasks"), ("POST", "/tasks"), ("POST", "/tasks/import")}
+COLLECTION_ROUTES = {("GET", "/tasks"), ("POST", "/tasks"), ("POST", "/tasks/import"), ("GET", "/map")}
 """Routes over the caller's own tasks (checked by test_collections_never_show_another_tenants_tasks)."""
 REQUEST_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/tasks"): task_body(name="security"),
@@ -120,6 +120,8 @@ def test_collections_never_show_another_tenants_tasks(alice: httpx.Client, bob: 
     bob_ids = {t["id"] for t in bob.get("/tasks", params={"limit": 100}).json()["tasks"]}
     assert his in bob_ids and not bob_ids & set(hers)
     assert his not in {t["id"] for t in alice.get("/tasks", params={"limit": 100}).json()["tasks"]}
+    bob_map = {t["id"] for t in bob.get("/map").json()["tasks"]}
+    assert his in bob_map and not bob_map & set(hers)  # the map shows the caller's tasks only
     assert alice.get(f"/tasks/{his}").status_code == 404  # what bob creates is bob's
     similar = bob.get(f"/tasks/{his}/similar", params={"k": 50})
     assert similar.status_code == 200 and not {s["id"] for s in similar.json()["similar"]} & set(hers)
