@@ -62,6 +62,8 @@ class ISTJob:
     task_id: str
     task: dict[str, Any]
     training: ISTSettings
+    start_z: tuple[float, ...] | None = None  # where IST starts (e.g. an imported prompt's z); such a job
+    # trains alone, by Gauss-Newton from exactly this z (the other optimisers start at z = 0)
 
     @classmethod
     def create(cls, task_id: str, task: dict[str, Any], training: ISTSettings | dict[str, Any],
@@ -71,18 +73,23 @@ class ISTJob:
         config = dataclasses.replace(config, max_steps=min(config.max_steps, settings.max_ist_steps))
         return cls(task_id, task, config)
 
-    def args(self) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """The job's positional arguments on the queue (see the module docstring)."""
-        return self.task_id, self.task, self.training.to_dict()
+    def args(self) -> tuple[Any, ...]:
+        """The job's positional arguments on the queue (see the module docstring); a fourth, the start z as a
+        list of floats, only when the job has one."""
+        base = (self.task_id, self.task, self.training.to_dict())
+        return (*base, list(self.start_z)) if self.start_z is not None else base
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> ISTJob:
         """The job behind a queue entry's positional arguments; InvalidTrainingSettings (a ValueError) when its
         settings are not the engine's, ValueError when the arguments are not an IST job's at all."""
-        if len(args) != 3 or not isinstance(args[0], str) or not isinstance(args[1], dict) \
+        if len(args) not in (3, 4) or not isinstance(args[0], str) or not isinstance(args[1], dict) \
                 or not isinstance(args[2], dict):
-            raise ValueError("not an IST job: expected (task id, task dict, training dict)")
-        return cls(args[0], args[1], ist_settings(args[2]))
+            raise ValueError("not an IST job: expected (task id, task dict, training dict[, start z])")
+        start = args[3] if len(args) == 4 else None
+        if start is not None and not (isinstance(start, list) and all(isinstance(v, int | float) for v in start)):
+            raise ValueError("not an IST job: its start z must be a list of numbers")
+        return cls(args[0], args[1], ist_settings(args[2]), tuple(float(v) for v in start) if start else None)
 
     @classmethod
     def of(cls, job: Job | None) -> ISTJob | None:
@@ -105,7 +112,8 @@ class ISTJob:
     def batches_with(self, other: ISTJob) -> bool:
         """Whether `other` may train in this job's batch: the same training settings (one run trains with one
         set) and another task name (one run needs distinct names; two tenants may use the same one)."""
-        return other.task_id != self.task_id and other.training == self.training and other.name != self.name
+        return (other.task_id != self.task_id and other.training == self.training and other.name != self.name
+                and self.start_z is None and other.start_z is None)  # a job with its own start trains alone
 
 
 def enqueue(connection: Any, settings: Settings, job: ISTJob) -> Job:

@@ -164,6 +164,9 @@ class TaskImport(Strict):
                                                             "dev scores of the imported prompt vs its z")
     dev: list[ExampleIn] | None = Field(None, description="dev examples (default: a quarter of train)")
     adapter: AdapterIn
+    tune: bool = Field(False, description=(
+        "with train examples: go on with IST (the service's default, Gauss-Newton) from the imported prompt's z; "
+        "the task is then queued and trains like a new one, and keeps the z with the lowest dev loss"))
 
 
 class DevComparison(BaseModel):
@@ -184,5 +187,6 @@ class ImportReport(BaseModel):
 
 
 class TaskImportOut(BaseModel):
-    task: TaskOut = Field(description="the new task, `succeeded` at once: only z is stored")
+    task: TaskOut = Field(description="the new task, `succeeded` at once (only z is stored), or `queued` for IST "
+                                      "from that z with `tune`")
     fit: ImportReport

@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any
 
+import torch
 from rq import get_current_job
 from rq.job import Job
 
@@ -42,13 +43,15 @@ INPUT_ERRORS = (UnicodeError, ValueError, TypeError)
 take): the task fails at once, without retries."""
 
 
-def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any],
+               start_z: list[float] | None = None) -> dict[str, Any]:
     """RQ entry point (service/ist_jobs.py: TRAIN_FUNCTION; the arguments are ISTJob.args()). `task` is
-    Task.to_dict() (train and dev examples); `training` holds IST settings."""
+    Task.to_dict() (train and dev examples); `training` holds IST settings; `start_z`, when given, is where
+    IST starts (an imported prompt's z)."""
     start = time.perf_counter()
     outcome = "error"
     try:
-        result = _train_task(task_id, task, training)
+        result = _train_task(task_id, task, training, start_z)
         outcome = str(result.get("status", "skipped"))
         return result
     finally:
@@ -67,7 +70,8 @@ def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb:
         store.mark_failed(task_id, "job_failed", message)
 
 
-def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any],
+                start_z: list[float] | None = None) -> dict[str, Any]:
     settings = process_settings()
     job = get_current_job()
     store = TaskStore(job.connection if job is not None else connect(settings), vector_dtype=settings.vector_dtype)
@@ -81,7 +85,7 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         return {"task_id": task_id, "status": "skipped"}
     # settings the engine does not know or refuses raise (InvalidTrainingSettings), never dropped: the job
     # fails, and once its retries are used up on_job_failure marks the task failed
-    own = ISTJob(task_id, task, ist_jobs.ist_settings(training))
+    own = ISTJob(task_id, task, ist_jobs.ist_settings(training), tuple(start_z) if start_z else None)
     runtime = load_runtime(settings)
     config = own.training
     batch: list[tuple[str, Task]] = []
@@ -121,7 +125,9 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any]) ->
         for i, score in zip(indices, evaluate(runtime.backbone, tasks, None, "dev"), strict=True):
             store.set_bare_dev_score(ids[i], score)
         starts = None
-        if runtime.known_vectors is not None and config.optimizer is ISTOptimizer.GAUSS_NEWTON:
+        if own.start_z is not None:  # the job trains alone (ISTJob.batches_with): from exactly its start
+            starts = torch.tensor([own.start_z], dtype=torch.float32)
+        elif runtime.known_vectors is not None and config.optimizer is ISTOptimizer.GAUSS_NEWTON:
             starts = start_candidates(runtime.subspace.config.d_intrinsic, runtime.known_vectors)
 
         def on_evaluate_of(step: int, entries: dict[int, HistoryEntry]) -> list[int]:

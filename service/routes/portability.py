@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 from typing import Annotated
 
 from fastapi import HTTPException, Query, Request, Response, status
 
 from ipt_engine.errors import InvalidTaskError
+from ipt_engine.ist_optimizers import ISTSettings
 from ipt_engine.portability import AdapterMismatchError
 from ipt_engine.tasks import TaskKind
-from service import portability
+from service import ist_jobs, portability
 from service.deps import RuntimeDep, SettingsDep, StoreDep, TenantDep, limit_creates
 from service.errors import error_responses
 from service.routes.tasks import TaskId, _build_task, _check_limits, _owned, _too_large, router, task_out
@@ -93,6 +95,8 @@ def import_task(body: TaskImport, request: Request, response: Response, settings
         raise _too_large(f"{len(labels)} labels exceed the limit of {settings.max_options} options per task")
     if labels and len(set(labels)) != len(labels):
         raise HTTPException(422, "'labels' must be distinct")
+    if body.tune and task is None:
+        raise HTTPException(422, "'tune' needs 'train' examples to learn from")
     limit = portability.max_weights_bytes(runtime)
     if len(body.adapter.weights) > limit * 4 // 3 + 4:
         raise _too_large(f"adapter weights of {len(body.adapter.weights)} base64 characters exceed the "
@@ -109,7 +113,11 @@ def import_task(body: TaskImport, request: Request, response: Response, settings
     limit_creates(request, tenant, store)  # only an import that will create a task counts
     record, _ = store.create(tenant, body.name, kind.value, labels, runtime.subspace.config.d_intrinsic,
                              runtime.artifact_id)
-    if not portability.store_imported(store, record.id, imported.z, dev):
+    if body.tune and task is not None:
+        # IST from the imported z, as a job of its own (it does not batch with others)
+        job = ist_jobs.ISTJob.create(record.id, task.to_dict(), ISTSettings(), settings)
+        ist_jobs.enqueue(store.r, settings, dataclasses.replace(job, start_z=tuple(float(v) for v in imported.z)))
+    elif not portability.store_imported(store, record.id, imported.z, dev):
         raise HTTPException(status.HTTP_409_CONFLICT, f"task {record.id!r} was deleted while it was imported")
     done = store.get(record.id)
     assert done is not None

@@ -93,3 +93,16 @@ def test_only_ist_jobs_are_read_from_the_queue() -> None:
     assert ISTJob.of(_FakeJob("other.function", args)) is None  # type: ignore[arg-type]
     assert ISTJob.of(_FakeJob(TRAIN_FUNCTION, args[:2])) is None  # type: ignore[arg-type]
     assert ISTJob.of(None) is None
+
+
+def test_a_job_with_its_own_start_travels_and_trains_alone() -> None:
+    """The start z (an imported prompt's) is a fourth positional argument on the queue; such a job reads back
+    with it and never batches, and a malformed start is not an IST job."""
+    plain = ISTJob("a" * 32, {"name": "a"}, ISTSettings())
+    started = ISTJob("b" * 32, {"name": "b"}, ISTSettings(), start_z=(0.5, -1.0))
+    assert len(plain.args()) == 3 and started.args()[3] == [0.5, -1.0]
+    assert ISTJob.from_args(started.args()) == started and ISTJob.from_args(plain.args()) == plain
+    assert plain.batches_with(ISTJob("c" * 32, {"name": "c"}, ISTSettings()))
+    assert not plain.batches_with(started) and not started.batches_with(plain)
+    with pytest.raises(ValueError, match="start z"):
+        ISTJob.from_args(("d" * 32, {}, {}, ["x"]))

@@ -31,6 +31,7 @@ from service.cli import app as ipt_app  # the engine's `ipt` with the service's 
 from service.redis_connection import connect
 from service.settings import Settings
 from service.task_store import TaskStore
+from tests.service.conftest import run_worker_burst
 from tests.service.test_api import task_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,6 +216,18 @@ def test_an_export_imports_back_as_the_same_z_and_predictions(alice: httpx.Clien
     task = r.json()["task"]
     assert task["dev_score"] == pytest.approx(dev["vector"], abs=1e-6)
     assert task["bare_dev_score"] == pytest.approx(dev["bare_model"], abs=1e-6)
+
+    # with examples and `tune`: IST goes on from the imported z (a job of its own), then the task is succeeded
+    assert alice.post("/tasks/import", json=import_body(files, tune=True)).status_code == 422  # needs examples
+    r = alice.post("/tasks/import", json=import_body(files, train=examples, tune=True))
+    assert r.status_code == 201 and r.json()["task"]["status"] == "queued", r.text
+    tuned_id = r.json()["task"]["id"]
+    run_worker_burst(env_settings)
+    tuned = alice.get(f"/tasks/{tuned_id}").json()
+    assert tuned["status"] == "succeeded" and tuned["steps"] >= 1
+    first = alice.get(f"/tasks/{tuned_id}/events").json()["events"]
+    start = next(e for e in first if e["type"] == "evaluation" and e["step"] == 0)
+    assert start["norm"] == pytest.approx(float(np.linalg.norm(Z)), rel=1e-3)  # it started at the imported z
 
 
 def test_a_prompt_outside_the_subspace_imports_with_its_error_reported(alice: httpx.Client,
