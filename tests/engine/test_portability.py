@@ -157,3 +157,21 @@ def test_adapters_that_do_not_fit_are_refused_naming_what_differs(tmp_path: Path
         read_peft_prompt(tmp_path / "a", base_model="SmolLM2-135M-Instruct", n_prompt=4, d_model=8)
     with pytest.raises(AdapterMismatchError, match="not a PEFT adapter directory"):
         read_peft_prompt(tmp_path, base_model="x", n_prompt=4, d_model=8)
+
+
+@pytest.mark.real_model
+def test_a_peft_export_of_smollm2_scores_like_the_backbone(peft, real_backbone: Backbone, tmp_path: Path) -> None:
+    """On the real SmolLM2: a soft prompt exported as a PEFT adapter, loaded by PEFT on its own copy of the model,
+    gives the backbone's option log-likelihoods (to 1e-4, fp32) with the documented input format."""
+    from ipt_engine.model_loading import load_smollm2
+
+    prompt = torch.randn(20, real_backbone.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.05
+    config = real_backbone.model.config
+    out = write_peft_adapter(tmp_path / "adapter", prompt, base_model=real_backbone.backbone_id,
+                             num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                             task_name="sentiment", kind="classification", labels=LABELS)
+    model, tokenizer, _ = load_smollm2()
+    peft_model = peft.PeftModel.from_pretrained(model.eval(), str(out)).eval()
+    by_peft = _option_scores_by_hand(peft_model, tokenizer, n=20)
+    expected = _backbone_scores(real_backbone, prompt)
+    assert torch.allclose(torch.tensor(by_peft), torch.tensor(expected), atol=1e-4)
