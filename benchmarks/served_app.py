@@ -73,20 +73,26 @@ def served_app(settings: Any, timeout: float = 600) -> Iterator[tuple[str, Any]]
         thread.join(timeout=30)
 
 
-def prefill_prompt_cache(app: Any, runtime: Any, store: Any, task_ids: Sequence[str], chunk: int = 64) -> float:
-    """Put Proj_b(z) of every task into the app's prompt cache (what serving those tasks once would leave there),
-    computing Proj_b in chunks; returns the seconds it took. The tensors equal what the predict route computes."""
-    cache = app.state.prompt_cache
-    start = time.perf_counter()
+def _decoded(runtime: Any, store: Any, task_ids: Sequence[str], chunk: int) -> Iterator[tuple[list[tuple[str, int]],
+                                                                                               torch.Tensor]]:
+    """Chunks of ([(task id, vector version)], their prompts Proj_b(z) [k, n, d]) as the predict route computes
+    them."""
     device = runtime.backbone.device
     for begin in range(0, len(task_ids), chunk):
         ids = list(task_ids[begin:begin + chunk])
         stored = [store.vector(i) for i in ids]
         z = torch.from_numpy(np.stack([s[0] for s in stored])).to(device)
         with torch.no_grad():
-            prompts = runtime.subspace.decode(z)
-        for k, (task_id, (_, version)) in enumerate(zip(ids, stored, strict=True)):
-            cache.get_or_compute(task_id, version, lambda p=prompts[k]: p.clone())
+            yield [(i, v) for i, (_, v) in zip(ids, stored, strict=True)], runtime.subspace.decode(z)
+
+
+def prefill_prompt_cache(app: Any, runtime: Any, store: Any, task_ids: Sequence[str], chunk: int = 64) -> float:
+    """Put Proj_b(z) of every task into the app's prompt cache (what serving those tasks once would leave there),
+    computing Proj_b in chunks; returns the seconds it took. The tensors equal what the predict route computes."""
+    start = time.perf_counter()
+    for keys, prompts in _decoded(runtime, store, task_ids, chunk):
+        for k, (task_id, version) in enumerate(keys):
+            app.state.prompt_cache.get_or_compute(task_id, version, lambda p=prompts[k]: p.clone())
     return time.perf_counter() - start
 
 
@@ -97,13 +103,9 @@ def prefill_prefix_cache(app: Any, runtime: Any, store: Any, task_ids: Sequence[
     if cache is None:
         return 0.0
     start = time.perf_counter()
-    device = runtime.backbone.device
-    for begin in range(0, len(task_ids), chunk):
-        ids = list(task_ids[begin:begin + chunk])
-        stored = [store.vector(i) for i in ids]
-        z = torch.from_numpy(np.stack([s[0] for s in stored])).to(device)
+    for keys, prompts in _decoded(runtime, store, task_ids, chunk):
         with torch.no_grad():
-            cache.stacked([(i, v) for i, (_, v) in zip(ids, stored, strict=True)], runtime.subspace.decode(z))
+            cache.stacked(keys, prompts)
     return time.perf_counter() - start
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from ipt_engine.prompt_tuning import PromptTuningResult
 from ipt_engine.tasks import Task
 from ipt_engine.testing import make_task, save_tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["CategoryStudy", "make_task", "train_loss"]  # make_task: re-exported for the tests that take it from here
 
 
@@ -37,6 +40,21 @@ def tiny_seq2seq(tiny_model_dirs: dict[str, Path]) -> Backbone:
 def tiny_backbone(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path]) -> Backbone:
     """Each tiny architecture in turn: causal (Llama) and seq2seq (BART, T5)."""
     return Backbone.load(str(tiny_model_dirs[request.param]), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def peft():  # type: ignore[no-untyped-def]
+    """HuggingFace PEFT, which the project never depends on: installed into .bench-deps by benchmarks/setup.sh
+    (from the package index, its dependencies being the project's own) the first time a test needs it."""
+    deps = ROOT / ".bench-deps"
+    if not (deps / "peft").is_dir():
+        subprocess.run(["bash", "benchmarks/setup.sh"], cwd=ROOT, check=True,
+                       env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    if str(deps) not in sys.path:
+        sys.path.append(str(deps))
+    import peft as module
+
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ benchmarks/setup.sh (from the package index, no model download) the first time."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,19 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 INPUTS = ["the movie was great", "a long and dull film", "ok"]
 LABELS = ["positive", "negative", "mixed feelings"]
-
-
-@pytest.fixture(scope="module")
-def peft():
-    deps = ROOT / ".bench-deps"
-    if not (deps / "peft").is_dir():
-        subprocess.run(["bash", "benchmarks/setup.sh"], cwd=ROOT, check=True, env={"PYTHON": sys.executable,
-                                                                                    "PATH": "/usr/bin:/bin"})
-    if str(deps) not in sys.path:
-        sys.path.append(str(deps))
-    import peft as module
-
-    return module
 
 
 def _option_scores_by_hand(model: torch.nn.Module, tokenizer, n: int, embeds_prefix: torch.Tensor | None = None

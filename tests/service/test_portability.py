@@ -12,8 +12,6 @@ import base64
 import io
 import json
 import math
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -39,19 +37,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 LABELS = ["negative", "positive"]
 INPUTS = ["the movie was great", "a long and dull film"]
 Z = np.array([0.6, -0.4, 0.9, 0.2], dtype=np.float32)  # exactly float16, as the store keeps it
-
-
-@pytest.fixture(scope="module")
-def peft():
-    deps = ROOT / ".bench-deps"
-    if not (deps / "peft").is_dir():
-        subprocess.run(["bash", "benchmarks/setup.sh"], cwd=ROOT, check=True, env={"PYTHON": sys.executable,
-                                                                                    "PATH": "/usr/bin:/bin"})
-    if str(deps) not in sys.path:
-        sys.path.append(str(deps))
-    import peft as module
-
-    return module
 
 
 def trained_task(client: httpx.Client, settings: Settings, name: str = "sentiment", z: np.ndarray = Z) -> str:
