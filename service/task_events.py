@@ -1,9 +1,10 @@
 """What happened to a task, in order: created, queued, started, each dev evaluation, and how it ended.
 
-Events live in a Redis stream beside the task (`ipt:task:{id}:events`), written in the same transaction as the
-state change they report (`TaskStore` passes its pipeline), bounded to the last MAX_EVENTS and deleted with the
-task. A stream entry id ("1733000000000-0") is the event id: a client that reconnects sends the last one it saw
-(Server-Sent Events' Last-Event-ID) and reads on from there.
+Events live in a Redis stream beside the task (`ipt:events:{id}`), written in the same transaction as the
+state change they report (`TaskStore` passes its pipeline), bounded to the last MAX_EVENTS, kept for
+KEEP_AFTER_END_S after the task ends and deleted with the task. A stream entry id ("1733000000000-0") is the
+event id: a client that reconnects sends the last one it saw (Server-Sent Events' Last-Event-ID) and reads on
+from there.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import redis
 
 MAX_EVENTS = 500
 """Events kept per task (a task makes one per dev evaluation: at most a few hundred)."""
+KEEP_AFTER_END_S = 7 * 24 * 3600
+"""How long a task's events outlive its end (~2 KB per trained task; the task itself stays)."""
 FINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
 EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 def events_key(task_id: str) -> str:
-    return f"ipt:task:{task_id}:events"
+    return f"ipt:events:{task_id}"  # not under ipt:task:* (the status recount scans that for task hashes)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ def record(pipe: Any, task_id: str, event_type: str, **data: Any) -> None:
     fields = {"type": event_type, "at": f"{time.time():.3f}",
               "data": json.dumps({k: v for k, v in data.items() if v is not None}, separators=(",", ":"))}
     pipe.xadd(events_key(task_id), fields, maxlen=MAX_EVENTS, approximate=True)
+    if event_type in FINAL_EVENTS:
+        pipe.expire(events_key(task_id), KEEP_AFTER_END_S)
 
 
 def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> TaskEvent:

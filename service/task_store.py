@@ -7,6 +7,7 @@ soft prompt. Keys:
                              target: see benchmarks/store_bench.py)
     ipt:task:{id}:z          raw little-endian z: float16 (2 * d_I bytes, the default) or float32
                              (4 * d_I bytes); the length tells which
+    ipt:events:{id}          stream of the task's events (service/task_events.py; expires a week after the end)
     ipt:tenant:{owner}:tasks sorted set of the owner's task ids by creation time
     ipt:tenant:{owner}:active set of the owner's task ids that may still be queued or running (pruned
                              when counted, so a final or deleted task leaves it at the next count)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -49,9 +51,10 @@ def peft():  # type: ignore[no-untyped-def]
     deps = ROOT / ".bench-deps"
     if not (deps / "peft").is_dir():
         subprocess.run(["bash", "benchmarks/setup.sh"], cwd=ROOT, check=True,
-                       env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+                       env={**os.environ, "PYTHON": sys.executable})
     if str(deps) not in sys.path:
         sys.path.append(str(deps))
+    importlib.invalidate_caches()  # the directory may have been looked up (absent) before the install
     import peft as module
 
     return module

@@ -55,8 +55,8 @@ def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_di
     results = json.loads((tmp_path / "ist-gn" / "results.json").read_text())["tasks"]
     assert all(r["steps"] <= 2 and r["history"][0]["step"] == 0 for r in results)
     scored = [r.getMessage() for r in caplog.records if "start candidates" in r.getMessage()]
-    # per task, all 5 (z=0, the mean, 3 vectors) scored on a few rows, then the best 4 on more rows
-    assert [m.rsplit(" ", 1)[1] for m in scored] == ["5", "4"] * 3
+    # per task, all 5 starts (z=0, the mean, 3 vectors) scored on the same rows (few candidates: no screening)
+    assert [m.rsplit(" ", 1)[1] for m in scored] == ["5"] * 3
 
     _ok(["eval", str(task_file), "--subspace", str(tmp_path / "sub"), "--vectors",
          str(tmp_path / "ist" / "task_vectors.safetensors"), "--out", str(tmp_path / "scores.json"), *bb,

@@ -109,14 +109,15 @@ def test_the_start_is_the_candidate_with_the_lowest_train_loss(tiny_causal: Back
     assert rows == [0, 2, 4, 6]  # spread over the 8 rows, not the first 4
     losses = [float(objective.row_losses(c)[rows].mean()) for c in candidates]
     best = min(range(5), key=losses.__getitem__)
-    assert torch.equal(choose_start(objective, candidates, 4, keep=5), candidates[best])
-    assert torch.equal(choose_start(objective, candidates.flip(0), 4, keep=5), candidates[best])
-    # with more candidates than `keep`, a first round on a quarter of the rows keeps the best `keep` of them:
-    # the winner is the best of those survivors on all the rows
-    first = objective.spread_rows(2)
-    survivors = sorted(range(5), key=lambda i: float(objective.row_losses(candidates[i])[first].mean()))[:2]
+    assert torch.equal(choose_start(objective, candidates, 4), candidates[best])
+    assert torch.equal(choose_start(objective, candidates.flip(0), 4), candidates[best])
+    # with more candidates than `screen_above`, a first round on half the rows keeps the best `keep` of them and
+    # always the first two (z = 0 and the mean): the winner is the best of those survivors on all the rows
+    first = objective.spread_rows(4)  # max(4, 4 // 2) rows
+    ranked = sorted(range(5), key=lambda i: float(objective.row_losses(candidates[i])[first].mean()))
+    survivors = set(ranked[:1]) | {0, 1}
     winner = min(survivors, key=losses.__getitem__)
-    assert torch.equal(choose_start(objective, candidates, 4, keep=2), candidates[winner])
+    assert torch.equal(choose_start(objective, candidates, 4, keep=1, screen_above=2), candidates[winner])
     (r,) = gauss_newton_subspace_tune(tiny_causal, [task], proj_b, GaussNewtonConfig(max_iterations=1, start_rows=4,
                                                                                      max_new_tokens=4),
                                       start_candidates=candidates)

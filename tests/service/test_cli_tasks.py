@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from service.settings import Settings
-from tests.service.conftest import client_for, run_worker_burst
+from tests.service.conftest import client_for, run_worker_burst, running_app
 
 IPT = str(Path(sys.executable).parent / "ipt")
 ROWS = [("the movie was great", "positive"), ("the movie was awful", "negative"), ("a lovely film", "positive"),
@@ -52,10 +52,15 @@ def test_create_follow_predict_list_show_delete(server: str, env_settings: Setti
     data = _write_csv(tmp_path / "cli reviews.csv", ROWS)
     follow = subprocess.Popen([IPT, "task", "create", str(data)], env=_env(server), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    with client_for(server, "key-alice") as alice:
-        task_id = _created_id(alice, "cli_reviews")  # the name comes from the file's, made safe
-        run_worker_burst(env_settings)
-    out, _ = follow.communicate(timeout=300)
+    try:
+        with client_for(server, "key-alice") as alice:
+            task_id = _created_id(alice, "cli_reviews")  # the name comes from the file's, made safe
+            run_worker_burst(env_settings)
+        out, _ = follow.communicate(timeout=300)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
     assert follow.returncode == 0, out
     assert f"task {task_id} (cli_reviews, classification, 8 examples): queued" in out
     assert re.search(rf"task {task_id} succeeded: dev score \d\.\d{{3}} \(bare model \d\.\d{{3}}\)", out), out
@@ -77,7 +82,7 @@ def test_create_follow_predict_list_show_delete(server: str, env_settings: Setti
     assert gone.returncode == 2 and "404" in gone.stderr and not gone.stdout  # errors on stderr
 
 
-def test_bad_files_refusals_and_a_cancelled_task(server: str, tmp_path: Path) -> None:
+def test_bad_files_refusals_and_a_cancelled_task(server: str, env_settings: Settings, tmp_path: Path) -> None:
     broken = tmp_path / "broken.csv"
     broken.write_text("input,output\nthe movie was great,positive\njust an input\n")
     r = ipt(server, "create", str(broken))
@@ -90,12 +95,19 @@ def test_bad_files_refusals_and_a_cancelled_task(server: str, tmp_path: Path) ->
     other = ipt(server, "show", "0" * 32)
     assert other.returncode == 2 and "404" in other.stderr
 
+    # a task cancelled while followed: on an app of its own whose queue no worker reads, so it stays queued
     data = _write_csv(tmp_path / "to_cancel.csv", ROWS)
-    follow = subprocess.Popen([IPT, "task", "create", str(data)], env=_env(server), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    with client_for(server, "key-alice") as alice:
-        task_id = _created_id(alice, "to_cancel")
-        assert alice.post(f"/tasks/{task_id}/cancel").status_code == 200
-        out, _ = follow.communicate(timeout=120)
+    with running_app(env_settings.model_copy(update={"queue_name": "ipt-cli-cancel"})) as base, \
+            client_for(base, "key-alice") as alice:
+        follow = subprocess.Popen([IPT, "task", "create", str(data)], env=_env(base), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            task_id = _created_id(alice, "to_cancel")
+            assert alice.post(f"/tasks/{task_id}/cancel").status_code == 200
+            out, _ = follow.communicate(timeout=120)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.communicate()
         assert follow.returncode == 1 and f"task {task_id} cancelled" in out
         alice.delete(f"/tasks/{task_id}")

@@ -126,11 +126,20 @@ def check(r: httpx.Response, what: str) -> None:
         json.loads(r.content.decode("utf-8"), parse_constant=lambda c: pytest.fail(f"{what}: {c} in the answer"))
 
 
+def import_body(name: str) -> dict[str, Any]:
+    """A POST /tasks/import body with every field present (its adapter does not fit: a 422 at best)."""
+    example = {"input": "pick one", "output": "a", "options": ["a", "b"]}
+    return {"name": name, "kind": "multiple_choice", "labels": ["a", "b"], "train": [example] * 4, "dev": [example],
+            "tune": True, "adapter": {"config": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2},
+                                      "weights": "AAAA"}}
+
+
 def body_cases(t: Target) -> list[tuple[str, str, Any]]:
     """(path, description, body) for every field of every JSON body, each replaced by each hostile value."""
     bases = [("/tasks", cls_body("fuzz_cls")), ("/tasks", mc_body("fuzz_mc")),
              (f"/tasks/{t.cls}/predict", {"inputs": ["the movie was great", "the movie was bad"]}),
-             (f"/tasks/{t.mc}/predict", {"inputs": ["pick a colour"], "options": [["red", "blue"]]})]
+             (f"/tasks/{t.mc}/predict", {"inputs": ["pick a colour"], "options": [["red", "blue"]]}),
+             ("/tasks/import", import_body("fuzz_import"))]
     cases = []
     for path, base in bases:
         for leaf in leaves(base):

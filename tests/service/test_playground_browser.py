@@ -5,6 +5,8 @@ Screenshots of the main states go to test-artifacts/playground/ (two of them are
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -30,9 +32,10 @@ EXAMPLES = "input,output\n" + "\n".join(
 def browser() -> Iterator[Any]:
     if not (shutil.which("chromium") and shutil.which("chromedriver") and (ROOT / ".test-deps" / "selenium").is_dir()):
         subprocess.run(["bash", str(ROOT / "tests" / "setup_browser.sh")], check=True,
-                       env={"PYTHON": sys.executable, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                       env={**os.environ, "PYTHON": sys.executable})
     if str(ROOT / ".test-deps") not in sys.path:
         sys.path.append(str(ROOT / ".test-deps"))
+    importlib.invalidate_caches()  # .test-deps may have been looked up (absent) before the install
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()

@@ -50,7 +50,8 @@ def test_5xx_are_counted_and_label_values_stay_bounded(env_settings: Settings) -
     settings = env_settings.model_copy(update={"queue_name": "ipt-metrics"})
     app = _app_with_failing_routes(settings)
     routes = set(app.openapi()["paths"]) | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                                            "/test-only/raises", "/test-only/unrenderable"}
+                                            "/test-only/raises", "/test-only/unrenderable",
+                                            "/", "/static"}  # the playground page and its files
     with running_app(settings, app) as base, httpx.Client(base_url=base, timeout=60,
                                                           headers={"Authorization": f"Bearer {KEY}"}) as c:
         before = _requests_total(base)
