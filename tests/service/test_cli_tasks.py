@@ -102,9 +102,14 @@ def test_bad_files_refusals_and_a_cancelled_task(server: str, env_settings: Sett
         follow = subprocess.Popen([IPT, "task", "create", str(data)], env=_env(base), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         try:
-            task_id = _created_id(alice, "to_cancel")
-            assert alice.post(f"/tasks/{task_id}/cancel").status_code == 200
+            first = follow.stdout.readline() if follow.stdout else ""  # the CLI's own line names its task
+            match = re.match(r"task ([0-9a-f]{32}) \(to_cancel, ", first)
+            assert match, first
+            task_id = match.group(1)
+            r = alice.post(f"/tasks/{task_id}/cancel")
+            assert r.status_code == 200, (r.text, alice.get(f"/tasks/{task_id}").text)
             out, _ = follow.communicate(timeout=120)
+            out = first + out
         finally:
             if follow.poll() is None:
                 follow.kill()
