@@ -106,8 +106,7 @@ def choose_start(objective: TrainObjective, candidates: Tensor, max_rows: int, k
     train set: [d_I]. Forward passes only. Up to `screen_above` candidates are all scored on those rows. More (a
     subspace may ship ~100 task vectors) are screened first on half of them, and only the `keep` best, with the
     first two candidates (z = 0 and the mean, in `start_candidates`' order) whatever they scored, go on to the
-    full set: screening on a few rows is noisy, and on the real-model test a 4-row screen of 6 candidates
-    dropped the start that learned."""
+    full set: a screen on a few rows is noisy, and z = 0 and the mean are the starts that need no luck."""
     if candidates.shape[0] == 1:
         return candidates[0].float()
     alive = list(range(candidates.shape[0]))
