@@ -16,8 +16,9 @@ transformers and tokenizers are imported when a tiny model is built, not when th
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ipt_engine.tasks import Example, Task, TaskKind
 
@@ -189,3 +190,35 @@ if __name__ == "__main__":
     import sys
 
     write_task_files(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+
+
+def option_log_likelihoods_by_format(model: Any, tokenizer: Any, task_name: str, inputs: Sequence[str],
+                                     labels: Sequence[str], n_prompt: int, prefix: Any = None
+                                     ) -> list[list[tuple[float, int]]]:
+    """Each label's (total log-probability, token count) for each input, computed the way an export's
+    ipt_format.json describes it, on a plain transformers causal LM: a PEFT prompt-tuning model (prefix None:
+    its virtual tokens come first) or a plain one with `prefix` [n, d] prepended as inputs_embeds. The reference
+    the export tests compare the service's scores with."""
+    import torch
+
+    from ipt_engine.tasks import TaskKind, to_text_pair
+
+    rows = []
+    for text in inputs:
+        src = tokenizer(to_text_pair(task_name, TaskKind.CLASSIFICATION, text).source,
+                        add_special_tokens=True).input_ids
+        row = []
+        for label in labels:
+            tgt = [*tokenizer(" " + label, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+            ids = torch.tensor([src + tgt])
+            with torch.no_grad():
+                if prefix is None:
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                else:
+                    embeds = torch.cat([prefix[None].float(), model.get_input_embeddings()(ids)], dim=1)
+                    logits = model(inputs_embeds=embeds).logits
+            logp = logits[0].float().log_softmax(-1)
+            start = n_prompt + len(src)  # a PEFT prompt-tuning model's logits include its virtual tokens
+            row.append((sum(float(logp[start - 1 + j, t]) for j, t in enumerate(tgt)), len(tgt)))
+        rows.append(row)
+    return rows

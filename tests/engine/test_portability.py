@@ -29,6 +29,7 @@ from ipt_engine.portability import (
 )
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.tasks import TaskKind, to_text_pair
+from ipt_engine.testing import option_log_likelihoods_by_format
 
 ROOT = Path(__file__).resolve().parents[2]
 # PEFT 0.21 calls a transformers method that transformers 5 deprecates
@@ -40,25 +41,8 @@ LABELS = ["positive", "negative", "mixed feelings"]
 def _option_scores_by_hand(model: torch.nn.Module, tokenizer, n: int, embeds_prefix: torch.Tensor | None = None
                            ) -> list[list[float]]:
     """Each option's total log-probability, computed as ipt_format.json describes, on a plain (or PEFT) model."""
-    out = []
-    for text in INPUTS:
-        pair = to_text_pair("sentiment", TaskKind.CLASSIFICATION, text)
-        src = tokenizer(pair.source, add_special_tokens=True).input_ids
-        row = []
-        for label in LABELS:
-            tgt = [*tokenizer(" " + label, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-            ids = torch.tensor([src + tgt])
-            with torch.no_grad():
-                if embeds_prefix is None:
-                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                else:
-                    emb = torch.cat([embeds_prefix[None], model.get_input_embeddings()(ids)], dim=1)
-                    logits = model(inputs_embeds=emb).logits
-            logp = logits[0].float().log_softmax(-1)
-            start = n + len(src)  # logits of a PEFT prompt-tuning model include the virtual tokens' positions
-            row.append(sum(float(logp[start - 1 + j, t]) for j, t in enumerate(tgt)))
-        out.append(row)
-    return out
+    return [[total for total, _ in row] for row in option_log_likelihoods_by_format(
+        model, tokenizer, "sentiment", INPUTS, LABELS, n, embeds_prefix)]
 
 
 def _backbone_scores(backbone: Backbone, prompt: torch.Tensor) -> list[list[float]]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from ipt_engine.tasks import TaskKind, to_text_pair
+from ipt_engine.testing import option_log_likelihoods_by_format
 from service.cli import app as ipt_app  # the engine's `ipt` with the service's commands
 from service.redis_connection import connect
 from service.settings import Settings
@@ -66,27 +66,7 @@ def write_dir(files: dict[str, bytes], out: Path) -> Path:
 
 def option_log_likelihoods(model: torch.nn.Module, tokenizer, n: int, prefix: torch.Tensor | None = None
                            ) -> list[list[tuple[float, int]]]:
-    """(total log-probability, token count) of each label for each input, computed as ipt_format.json says, on
-    a PEFT model (prefix None: the virtual tokens come first) or a plain one with `prefix` as inputs_embeds."""
-    rows = []
-    for text in INPUTS:
-        src = tokenizer(to_text_pair("sentiment", TaskKind.CLASSIFICATION, text).source,
-                        add_special_tokens=True).input_ids
-        row = []
-        for label in LABELS:
-            tgt = [*tokenizer(" " + label, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-            ids = torch.tensor([src + tgt])
-            with torch.no_grad():
-                if prefix is None:
-                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                else:
-                    embeds = torch.cat([prefix[None].float(), model.get_input_embeddings()(ids)], dim=1)
-                    logits = model(inputs_embeds=embeds).logits
-            logp = logits[0].float().log_softmax(-1)
-            start = n + len(src)
-            row.append((sum(float(logp[start - 1 + j, t]) for j, t in enumerate(tgt)), len(tgt)))
-        rows.append(row)
-    return rows
+    return option_log_likelihoods_by_format(model, tokenizer, "sentiment", INPUTS, LABELS, n, prefix)
 
 
 def assert_matches_predictions(by_hand: list[list[tuple[float, int]]], predictions: list[dict]) -> None:
