@@ -91,9 +91,10 @@ class CategoryStudy:
 @pytest.fixture(scope="session")
 def category_study(real_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory) -> CategoryStudy:
     from ipt_engine.msf import find_subspace
+    from ipt_engine.named_tensors import save_named
     from ipt_engine.prompt_tuning import prompt_tune
     from ipt_engine.subspace import SubspaceConfig
-    from ipt_engine.subspace_artifact import save_artifact
+    from ipt_engine.subspace_artifact import VECTORS_FILE, save_artifact
     from ipt_engine.testing import RELATED, TARGET, category_task
     from ipt_engine.training import TrainConfig
 
@@ -111,4 +112,7 @@ def category_study(real_backbone: Backbone, tmp_path_factory: pytest.TempPathFac
     artifact = tmp_path_factory.mktemp("category_subspace")
     save_artifact(artifact, msf.subspace, bb.backbone_id, bb.input_embeddings,
                   provenance={"tasks": [t.name for t in related]})
+    # as `ipt msf` and `ipt experiment export` do: the related tasks' vectors ship beside Proj_b, and the worker's
+    # Gauss-Newton IST chooses its start among z = 0, their mean and each of them
+    save_named(artifact / VECTORS_FILE, {t.name: msf.task_vectors[i] for i, t in enumerate(related)})
     return CategoryStudy(target, related, pt, msf, artifact)

@@ -1,8 +1,10 @@
 """`ipt experiment export`: turn one d_I of a finished run into the artifact a service ships.
 
 The exported artifact holds Proj_b only (the service never needs Proj) in fp16, after checking on the run's
-unseen tasks that fp16 storage does not change their test scores. A model card (MODEL_CARD.md) next to the
-weights says what it is, what it was trained on, how, and how well it did.
+unseen tasks that fp16 storage does not change their test scores, and the train tasks' vectors (MSF's z_i,
+`task_vectors.safetensors`): where known tasks sit in the subspace, the starts Gauss-Newton IST chooses from
+(a start at z = 0 can stall where a known task's vector learns the task in a few iterations). A model card
+(MODEL_CARD.md) next to the weights says what it is, what it was trained on, how, and how well it did.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from ipt_engine.experiments.intervals import Estimate, e_abs_estimate, e_rel_est
 from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.experiments.report import CHALLENGE_TITLES, counted_tasks, headline_rows
 from ipt_engine.experiments.selection import chosen_d
-from ipt_engine.named_tensors import load_chunks, stack_for
-from ipt_engine.subspace_artifact import WEIGHTS_FILE, load_artifact, save_artifact
+from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
+from ipt_engine.subspace_artifact import VECTORS_FILE, WEIGHTS_FILE, load_artifact, save_artifact
 
 
 def fp16_check(run: ExperimentRun, d: int, backbone: Backbone) -> dict[str, Any]:
@@ -70,6 +72,9 @@ def export_artifact(run_dir: Path, out: Path, d: int | None = None, pool_dir: Pa
     eval_summary = {"msf": artifact.metadata.eval_summary, "scores": scores, "fp16_check": check}
     save_artifact(out, artifact.subspace, artifact.metadata.backbone_id, backbone.input_embeddings,
                   provenance=provenance, eval_summary=eval_summary, dtype=torch.float16, include_proj=False)
+    vectors = run_dir / "msf" / f"dI{d}" / VECTORS_FILE
+    if vectors.is_file():  # [d_I] per train task, float32 (100 tasks x 250 floats: 100 KB)
+        save_named(out / VECTORS_FILE, load_named(vectors))
     (out / "MODEL_CARD.md").write_text(_model_card(out, summary, d, scores, check, command))
     return out
 

@@ -2,10 +2,16 @@
 cores).
 
 A new 3-label classification task (16 training examples per label, held-out test examples) is learned
-by IST (the service's default, Gauss-Newton, and AdamW, the earlier default) inside a subspace that MSF found
-from four related tasks in this test: IST and PT must beat the bare PLM by 0.15 test accuracy, and the default
-IST must converge within 15 iterations. The same 0.15 margin over z = 0 is a strict xfail: it does not hold
-(issue 14's note), and the test says so the day it does."""
+by IST (the service's default, Gauss-Newton started as the worker starts it, and AdamW, the earlier default)
+inside a subspace that MSF found from four related tasks in this test: IST must beat both z = 0 of its
+subspace and the bare PLM by 0.15 test accuracy, PT must beat the bare PLM by as much, and the default IST must
+converge within 15 iterations.
+
+The start matters (issue 14): this subspace's related tasks sit at |z| ~ 10-30, and from z = 0 Gauss-Newton
+can find no step that lowers the train loss by more than 0.005 (the loss along the gradient is lowest at
+|dz| = 0.003 and rises beyond; measured on one CPU where its 4 refused steps ended the run at z = 0), while
+from the best of the related tasks' vectors it reached dev 1.0 in 5 iterations. The worker starts from the
+artifact's task vectors, so the default run here does too."""
 
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.evaluation import evaluate, predict
 from ipt_engine.ist import ISTResult, intrinsic_subspace_tune
-from ipt_engine.ist_optimizers import ISTSettings, tune
+from ipt_engine.ist_optimizers import ISTSettings, start_candidates, tune
 from ipt_engine.model_loading import load_smollm2
 from ipt_engine.tasks import Task
 from ipt_engine.training import TrainConfig
@@ -60,7 +66,8 @@ def new_task_runs(real_backbone: Backbone, category_study: CategoryStudy) -> New
     bb, study = real_backbone, category_study
     target, proj_b = study.target, study.msf.subspace.proj_b
     timer = time.perf_counter()
-    (default,) = tune(bb, [target], proj_b, ISTSettings())
+    starts = start_candidates(proj_b.config.d_intrinsic, study.msf.task_vectors)  # as the worker chooses them
+    (default,) = tune(bb, [target], proj_b, ISTSettings(), start_candidates=starts)
     default_s, timer = time.perf_counter() - timer, time.perf_counter()
     (adamw,) = intrinsic_subspace_tune(bb, [target], proj_b, TrainConfig(learning_rate=1.0, max_steps=30,
                                                                          batch_size=12, eval_every=5, patience=4))
@@ -92,11 +99,8 @@ def test_ist_and_pt_beat_the_bare_plm_by_a_margin(real_backbone: Backbone, categ
     assert_float16_storage_keeps_predictions(real_backbone, target, category_study, new_task_runs.adamw.z)
 
 
-@pytest.mark.xfail(strict=True, reason="issues 13-15: in this 4-d subspace, found from 4 related tasks, Proj_b(0) "
-                   "already scores 0.639 and IST converges to a z that adds less than the 0.15 margin (measured: "
-                   "Gauss-Newton 0.694 with the train loss flat from iteration 5, AdamW 0.667, PT 1.0): the subspace, "
-                   "not the optimiser, limits it; strict, so that a better MSF shows up here")
 def test_ist_beats_z0_of_its_subspace_by_a_margin(new_task_runs: NewTaskRuns) -> None:
+    """Issue 13's margin: what IST learns, not what the subspace gives for free at z = 0."""
     test = new_task_runs.test
     assert test["default"] >= test["z=0"] + 0.15
 
@@ -110,7 +114,7 @@ def test_default_ist_converges_within_15_iterations(new_task_runs: NewTaskRuns, 
     assert run.error is None and run.steps <= 15 and run.best_step <= 15
     assert run.dev_score >= max(h["dev"] for h in run.history) - one_example - 1e-9
     kept = next(h for h in run.history if h["step"] == run.best_step)
-    assert kept["dev_loss"] < run.history[0]["dev_loss"] - 0.15  # measured: 0.890 -> 0.663 (option cross-entropy)
+    assert kept["dev_loss"] < run.history[0]["dev_loss"] - 0.15  # measured: 0.584 -> 0.073 (option cross-entropy)
     assert abs(run.history[-1]["train_loss"] - run.history[-2]["train_loss"]) < 1e-2
 
 

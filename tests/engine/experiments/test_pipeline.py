@@ -25,8 +25,8 @@ from ipt_engine.experiments.pipeline import (
 from ipt_engine.experiments.report import copy_summaries, write_report
 from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.metrics import MetricName
-from ipt_engine.named_tensors import load_chunks
-from ipt_engine.subspace_artifact import load_artifact
+from ipt_engine.named_tensors import load_chunks, load_named
+from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact
 from ipt_engine.tasks import Example, Task, TaskKind
 from ipt_engine.training import STOPPED_BY_REQUEST
 from tests.conftest import make_task
@@ -167,6 +167,9 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     assert artifact.metadata.config["d_intrinsic"] == 2
     check = artifact.metadata.eval_summary["fp16_check"]
     assert set(check["test_fp32"]) == set(summary["test_tasks"]) and check["max_abs_prompt_difference"] < 1e-2
+    shipped_vectors = load_named(out / VECTORS_FILE)  # the IST starts the service chooses from
+    assert set(shipped_vectors) == set(summary["train_tasks"])
+    assert all(v.shape == (2,) for v in shipped_vectors.values())
     card = (out / "MODEL_CARD.md").read_text()
     assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
 
