@@ -185,7 +185,7 @@ class ExperimentRun:
         seconds = time.perf_counter() - start
         path = self.dir / "timings.json"
         timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings[stage] = round(timings.get(stage, 0.0) + seconds, 1)
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)  # ms: a tiny stage is not 0
         path.write_text(json.dumps(timings, indent=1) + "\n")
         return result
 
