@@ -280,11 +280,19 @@ class TaskStore:
             return None
         return record
 
+    def get_many(self, task_ids: list[str], owner: str) -> dict[str, TaskRecord]:
+        """The owner's tasks among `task_ids`, read in one round trip (missing and other owners' left out)."""
+        pipe = self.r.pipeline()
+        for task_id in task_ids:
+            pipe.hgetall(self._key(task_id))
+        records = (TaskRecord.from_hash(i, h) for i, h in zip(task_ids, pipe.execute(), strict=True) if h)
+        return {r.id: r for r in records if r.owner == owner}
+
     def list(self, owner: str, offset: int, limit: int) -> tuple[list[TaskRecord], int]:
         key = f"ipt:tenant:{owner}:tasks"
         ids = [i.decode() for i in self.r.zrevrange(key, offset, offset + limit - 1)]
-        records = [r for r in (self.get(i, owner) for i in ids) if r is not None]
-        return records, int(self.r.zcard(key))
+        found = self.get_many(ids, owner)
+        return [found[i] for i in ids if i in found], int(self.r.zcard(key))
 
     def vector(self, task_id: str) -> tuple[np.ndarray, int] | None:
         """(z as float32 [d_I], version) of a trained task."""

@@ -28,7 +28,7 @@ async def task_map(store: StoreDep, tenant: TenantDep) -> dict[str, object]:
     task's name and kind, and the share of the vectors' variance each axis explains."""
     vectors = await run_in_threadpool(store.vectors, tenant)
     points, explained = pca_2d(vectors)
-    records = {p.id: await run_in_threadpool(store.get, p.id, tenant) for p in points}
+    records = await run_in_threadpool(store.get_many, [p.id for p in points], tenant)
     return {"explained_variance": explained,
             "tasks": [{"id": p.id, "x": p.x, "y": p.y, "name": clean_text(r.name), "kind": r.kind}
-                      for p in points if (r := records[p.id]) is not None]}
+                      for p in points if (r := records.get(p.id)) is not None]}

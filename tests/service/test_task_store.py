@@ -105,6 +105,17 @@ def test_a_succeeded_task_keeps_only_what_its_view_needs(r: redis.Redis) -> None
     assert record.finished_at == round(record.finished_at, 3)
 
 
+def test_get_many_reads_only_the_owners_tasks_in_one_round_trip(r: redis.Redis) -> None:
+    store = TaskStore(r)
+    mine, theirs = [new_task(store) for _ in range(3)], new_task(store, owner="bob")
+    found = store.get_many([*mine, theirs, "no-such-task"], "alice")
+    assert sorted(found) == sorted(mine) and all(found[i].owner == "alice" for i in mine)
+    assert store.get_many([theirs], "alice") == {} and list(store.get_many([theirs], "bob")) == [theirs]
+    records, total = store.list("alice", 0, 2)  # list reads through it, in the tenant index's order
+    newest = [i.decode() for i in r.zrevrange("ipt:tenant:alice:tasks", 0, 1)]
+    assert total == 3 and [x.id for x in records] == newest and set(newest) < set(mine)
+
+
 def test_vectors_are_float16_by_default_and_float32_on_request(r: redis.Redis) -> None:
     z = np.random.default_rng(0).normal(0, 10, D_I).astype(np.float32)  # |z| of order 10, as MSF's vectors
     half, full = TaskStore(r), TaskStore(r, vector_dtype="float32")
