@@ -120,7 +120,12 @@ def ipt_serve(service_settings: Settings, tmp: Path, *args: str, **env: str) -> 
                 child.kill()
 
 
-def assert_nothing_left(serve: Serve, ports: list[int]) -> None:
+def assert_nothing_left(serve: Serve, ports: list[int], wait_s: float = 10.0) -> None:
+    """No marked process and no listening port, within `wait_s`: a process already past reading its environment
+    (its memory is released first) can still hold its sockets for a moment before the kernel closes them."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and (marked(serve.marker, serve.data_dir) or any(map(listening, ports))):
+        time.sleep(0.2)
     left = [(p.pid, " ".join(p.cmdline())[:120]) for p in marked(serve.marker, serve.data_dir)]
     assert not left, f"processes left behind: {left}\n{serve.output()[-3000:]}"
     assert not [port for port in ports if listening(port)], f"still listening: {ports}"
