@@ -26,7 +26,9 @@ from service import metrics
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_BYTES = 768 * 2**20  # ~830 tasks of SmolLM2 (n = 20, fp32): the API stays under 2 GB RSS
+CPU_DEFAULT_BYTES = 448 * 2**20  # ~500 tasks of SmolLM2 (n = 20, fp32); measured (benchmarks/api_memory_bench.py,
+# 1000 hot tasks): the API process is 1.14 GB when ready and peaks ~0.35 GB above it plus the cache: 2.30 GB at
+# 768 MiB, 2.02 GB at 512 MiB, so 448 MiB keeps it under 2 GB
 ACCELERATOR_DEFAULT_BYTES = 4 * 2**30
 
 Key = tuple[str, int]

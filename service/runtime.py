@@ -12,7 +12,7 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.named_tensors import load_named, stack_for
 from ipt_engine.subspace import IntrinsicSubspace
-from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, ArtifactMetadata, load_artifact
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def load_runtime(settings: Settings) -> Runtime:
         backbone = Backbone.load(settings.backbone, device=settings.device, dtype=settings.dtype)
         artifact = load_artifact(settings.subspace, backbone_id=backbone.backbone_id,
                                  embeddings=backbone.input_embeddings, device=backbone.device)
-        meta = artifact.metadata
-        artifact_id = f"{meta.backbone_id}/dI{meta.config['d_intrinsic']}/{meta.created_at}"
+        artifact_id = artifact_id_of(artifact.metadata)
         vectors_file = settings.subspace / VECTORS_FILE
         known = None
         if vectors_file.is_file():  # written by `ipt msf` next to the subspace: where known tasks sit in it
@@ -53,6 +52,11 @@ def load_runtime(settings: Settings) -> Runtime:
         _runtimes[key] = Runtime(backbone, artifact.subspace, artifact_id, time.perf_counter() - start, known)
         log.info("runtime loaded in %.1f s: %s", _runtimes[key].load_seconds, artifact_id)
     return _runtimes[key]
+
+
+def artifact_id_of(meta: ArtifactMetadata) -> str:
+    """The id tasks record of the subspace they were trained in: a task predicts only with that subspace."""
+    return f"{meta.backbone_id}/dI{meta.config['d_intrinsic']}/{meta.created_at}"
 
 
 def reset_runtime() -> None:

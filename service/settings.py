@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     prompt_cache_size: int = Field(1024, description="soft prompts kept in memory (LRU)")
     prefix_cache_bytes: int | None = Field(
         None, ge=0, description="bytes of per-task prompt keys and values kept (LRU; causal backbones): each task's "
-                                "prompt then runs through the model once, not on every request. Unset: 768 MiB on a "
+                                "prompt then runs through the model once, not on every request. Unset: 448 MiB on a "
                                 "CPU, 4 GiB on a GPU; 0: off")
     batch_max_size: int = Field(32, description="inputs per micro-batched forward pass")
     batch_max_wait_ms: float = Field(5.0, description="how long a request waits for others to share its batch")

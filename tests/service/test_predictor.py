@@ -110,7 +110,7 @@ def test_seq2seq_backbones_run_without_a_prefix_cache(tiny_seq2seq: Backbone, ti
         PrefixKVCache(tiny_seq2seq, 2**20)
     assert prefix_cache_for(_runtime(tiny_seq2seq), Settings()) is None
     assert prefix_cache_for(_runtime(tiny_causal), Settings(prefix_cache_bytes=0)) is None
-    assert prefix_cache_for(_runtime(tiny_causal), Settings()).max_bytes == 768 * 2**20  # the CPU default
+    assert prefix_cache_for(_runtime(tiny_causal), Settings()).max_bytes == 448 * 2**20  # the CPU default
 
 
 def test_prompt_cache_is_keyed_by_version_and_bounded() -> None:
