@@ -8,6 +8,8 @@ testing_utils): tiny random-weight backbones, small deterministic tasks.
   categories; inputs are template sentences mentioning one item of a category and the label is the category's
   name. Tasks over different category triples are related (same format, overlapping label words) but distinct.
   `python -m ipt_engine.testing DIR` writes them as task files (examples/demo.sh).
+- `build_category_study`: PT of the target and the related tasks, MSF on the related ones, and the artifact with
+  their vectors: the real-model tests' setting (and `benchmarks/ist_start_probe.py`'s).
 - `make_task`: a small valid task of any kind, for mechanics tests.
 
 transformers and tokenizers are imported when a tiny model is built, not when this module is.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,10 @@ if TYPE_CHECKING:
         PreTrainedTokenizerFast,
         T5ForConditionalGeneration,
     )
+
+    from ipt_engine.backbone import Backbone
+    from ipt_engine.msf import MSFResult
+    from ipt_engine.prompt_tuning import PromptTuningResult
 
 # ------------------------------------------------------------------------------------------ tiny backbones
 
@@ -174,6 +181,45 @@ RELATED = {
     "category_d": ["vehicle", "color", "profession"],
 }
 TARGET = ("category_target", ["fruit", "sport", "instrument"])
+
+
+@dataclass
+class CategoryStudy:
+    """PT on a new category task and four related ones (one batched run), and MSF on the related tasks'
+    prompts (the target is unseen by the subspace), saved as an artifact with the related tasks' vectors."""
+
+    target: Task
+    related: list[Task]
+    pt: PromptTuningResult
+    msf: MSFResult
+    artifact: Path
+
+
+def build_category_study(bb: Backbone, artifact: Path, *, pt_steps: int = 30, msf_steps: int = 50,
+                         d_intrinsic: int = 4) -> CategoryStudy:
+    """The target (16/8/12 examples per label) and RELATED tasks, PT (n = 10) of all five, MSF (d_I' = 64) on the
+    related ones, written to `artifact` with `task_vectors.safetensors`, as `ipt msf` writes them: the worker's
+    Gauss-Newton IST chooses its start among z = 0, their mean and each of them."""
+    from ipt_engine.msf import find_subspace
+    from ipt_engine.named_tensors import save_named
+    from ipt_engine.prompt_tuning import prompt_tune
+    from ipt_engine.subspace import SubspaceConfig
+    from ipt_engine.subspace_artifact import VECTORS_FILE, save_artifact
+    from ipt_engine.training import TrainConfig
+
+    target = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8,
+                           test_per_label=12)
+    related = [category_task(name, cats, seed=i, dev_per_label=4) for i, (name, cats) in enumerate(RELATED.items())]
+    pt = prompt_tune(bb, [target, *related], TrainConfig(learning_rate=0.1, max_steps=pt_steps, batch_size=6,
+                                                         eval_every=10, patience=2), n_prompt=10)
+    msf = find_subspace(bb, related, TrainConfig(learning_rate=3e-3, max_steps=msf_steps, batch_size=6,
+                                                 eval_every=25, patience=2),
+                        SubspaceConfig(n_prompt=10, d_model=bb.hidden_size, d_intrinsic=d_intrinsic, d_hidden=64),
+                        task_prompts=pt.prompts[1:], alpha=200.0)
+    save_artifact(artifact, msf.subspace, bb.backbone_id, bb.input_embeddings,
+                  provenance={"tasks": [t.name for t in related]})
+    save_named(artifact / VECTORS_FILE, {t.name: msf.task_vectors[i] for i, t in enumerate(related)})
+    return CategoryStudy(target, related, pt, msf, artifact)
 
 
 def write_task_files(directory: str) -> None:

@@ -6,17 +6,14 @@ import importlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.msf import MSFResult
-from ipt_engine.prompt_tuning import PromptTuningResult
 from ipt_engine.tasks import Task
-from ipt_engine.testing import make_task, save_tiny
+from ipt_engine.testing import CategoryStudy, build_category_study, make_task, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 __all__ = ["CategoryStudy", "make_task", "train_loss"]  # make_task: re-exported for the tests that take it from here
@@ -76,43 +73,7 @@ def train_loss(bb: Backbone, task: Task, prompt: torch.Tensor) -> float:
     return float((-(ll / count)).mean())
 
 
-@dataclass
-class CategoryStudy:
-    """PT on a new category task and four related ones (one batched run), and MSF on the related tasks'
-    prompts: what the real-model tests of the engine and of the service build on (trained once)."""
-
-    target: Task
-    related: list[Task]
-    pt: PromptTuningResult
-    msf: MSFResult
-    artifact: Path
-
-
 @pytest.fixture(scope="session")
 def category_study(real_backbone: Backbone, tmp_path_factory: pytest.TempPathFactory) -> CategoryStudy:
-    from ipt_engine.msf import find_subspace
-    from ipt_engine.named_tensors import save_named
-    from ipt_engine.prompt_tuning import prompt_tune
-    from ipt_engine.subspace import SubspaceConfig
-    from ipt_engine.subspace_artifact import VECTORS_FILE, save_artifact
-    from ipt_engine.testing import RELATED, TARGET, category_task
-    from ipt_engine.training import TrainConfig
-
-    bb = real_backbone
-    target = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16, dev_per_label=8,
-                           test_per_label=12)
-    related = [category_task(name, cats, seed=i, dev_per_label=4) for i, (name, cats) in enumerate(RELATED.items())]
-    pt = prompt_tune(bb, [target, *related],
-                     TrainConfig(learning_rate=0.1, max_steps=30, batch_size=6, eval_every=10, patience=2), n_prompt=10)
-    # MSF on the related tasks only: the target is unseen by the subspace.
-    msf = find_subspace(bb, related, TrainConfig(learning_rate=3e-3, max_steps=50, batch_size=6, eval_every=25,
-                                                 patience=2),
-                        SubspaceConfig(n_prompt=10, d_model=bb.hidden_size, d_intrinsic=4, d_hidden=64),
-                        task_prompts=pt.prompts[1:], alpha=200.0)
-    artifact = tmp_path_factory.mktemp("category_subspace")
-    save_artifact(artifact, msf.subspace, bb.backbone_id, bb.input_embeddings,
-                  provenance={"tasks": [t.name for t in related]})
-    # as `ipt msf` and `ipt experiment export` do: the related tasks' vectors ship beside Proj_b, and the worker's
-    # Gauss-Newton IST chooses its start among z = 0, their mean and each of them
-    save_named(artifact / VECTORS_FILE, {t.name: msf.task_vectors[i] for i, t in enumerate(related)})
-    return CategoryStudy(target, related, pt, msf, artifact)
+    """The real-model tests' study (ipt_engine.testing.build_category_study), trained once per session."""
+    return build_category_study(real_backbone, tmp_path_factory.mktemp("category_subspace"))
