@@ -32,11 +32,15 @@ from service.task_store import TaskRecord
 
 
 class PromptCache:
-    """Proj_b(z) per (task id, version); the least recently used prompt goes first when full."""
+    """Proj_b(z) per (task id, version); the least recently used prompt goes first when full. At most one version
+    of a task is held (a retrained task's older prompt goes when the new one comes); the bytes held are kept as a
+    running total, so a miss costs O(1) bookkeeping whatever the capacity."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, int], Tensor] = OrderedDict()
+        self._version: dict[str, int] = {}  # task id -> the version held
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get_or_compute(self, task_id: str, version: int, compute: Callable[[], Tensor]) -> Tensor:
@@ -51,21 +55,32 @@ class PromptCache:
             return self._items[key]
         metrics.PROMPT_CACHE.labels("miss").inc()
         prompt = compute()
+        stale = self._version.get(task_id)
+        if stale is not None:
+            self._drop((task_id, stale))  # an older version of a retrained task
         self._items[key] = prompt
-        for stale in [k for k in self._items if k[0] == task_id and k != key]:
-            del self._items[stale]  # an older version of a retrained task
+        self._version[task_id] = version
+        self._bytes += _nbytes(prompt)
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            self._drop(next(iter(self._items)))
             metrics.PROMPT_CACHE_EVICTIONS.inc()
-        metrics.PROMPT_CACHE_BYTES.set(self.nbytes)
+        metrics.PROMPT_CACHE_BYTES.set(self._bytes)
         return prompt
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        self._bytes -= _nbytes(self._items.pop(key))
+        del self._version[key[0]]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._items.values())
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 @dataclass

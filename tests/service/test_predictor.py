@@ -124,9 +124,15 @@ def test_prompt_cache_is_keyed_by_version_and_bounded() -> None:
     assert float(cache.get_or_compute("t", 1, make(9.0))) == 1.0  # a hit
     assert float(cache.get_or_compute("t", 2, make(2.0))) == 2.0  # retrained: never the stale prompt
     assert len(cache) == 1
+    assert cache.nbytes == 4  # one float32
     cache.get_or_compute("u", 1, make(3.0))
     cache.get_or_compute("v", 1, make(4.0))
     assert len(cache) == 2 and calls == [1.0, 2.0, 3.0, 4.0]
+    assert cache.nbytes == 8  # "t" evicted: its bytes went with it
+    assert float(cache.get_or_compute("t", 2, make(5.0))) == 5.0  # evicted, so computed again
+    cache.get_or_compute("v", 2, make(6.0))  # retrained while held: one version of "v" only
+    assert len(cache) == 2 and cache.nbytes == 8 and calls[-2:] == [5.0, 6.0]
+    assert float(cache.get_or_compute("t", 2, make(7.0))) == 5.0  # still held: "u" went first
 
 
 class _RecordingBatcher(MicroBatcher):
