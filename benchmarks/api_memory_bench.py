@@ -33,7 +33,7 @@ import httpx
 import psutil
 
 from benchmarks.model_setup import add_common_arguments, prepare
-from benchmarks.redis_server import free_port, redis_server
+from benchmarks.redis_server import free_port, redis_server, stop_child
 from benchmarks.report import Report, finish
 from benchmarks.served_app import TaskWriter, category_inputs, service_settings
 
@@ -104,12 +104,7 @@ def api_process(settings: Any, workdir: Path, timeout: float = 600) -> Iterator[
                 time.sleep(0.2)
         yield base, psutil.Process(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc, 30)
 
 
 def send_predicts(base: str, requests: list[tuple[str, str]], concurrency: int) -> tuple[Counter[int], float]:
