@@ -235,6 +235,7 @@ def test_configs_in_the_repo_load() -> None:
     assert study.max_train_tasks >= 100 and study.max_test_tasks >= 24 and study.max_per_family == 3
     assert study.ist.optimizer == "gauss_newton" and {10, 50, 250} <= set(study.d_intrinsic)
     assert len(study.stability_seeds) >= 5 and study.stability_tasks >= 12 and study.ist_seen_tasks >= 24
+    assert study.pt.dev_loss  # PT's reference prompts: dev ties broken by dev loss, not stopped at their start
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_config("nope")
 
