@@ -186,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
     kv_hits, kv_misses = (metrics.get(f'ipt_prefix_kv_cache_lookups_total{{result="{r}"}}', 0.0)
                           for r in ("hit", "miss"))
     evictions = metrics.get("ipt_prefix_kv_cache_evictions_total", 0.0)
-    per_task = kv_bytes / max(1.0, kv_misses - evictions)
+    rejected = metrics.get("ipt_prefix_kv_cache_admissions_rejected_total", 0.0)
+    held = kv_misses - evictions - rejected  # each miss adds an entry unless it is not admitted
+    per_task = kv_bytes / max(1.0, held)
     bound = settings.prefix_cache_bytes
     bound_text = (f"{bound / 2**20:.0f} MiB (IPT_PREFIX_CACHE_BYTES)" if bound is not None
                   else "unset: the service's default (448 MiB on a CPU, 4 GiB on a GPU)")
@@ -204,16 +206,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
         ["API RSS when ready (model loaded, no task served)", f"{ready_rss / GB:.2f} GB"],
         [f"API peak RSS while {args.tasks} tasks were hot", f"{sampler.peak / GB:.2f} GB"],
         ["API RSS at the end", f"{sampler.last / GB:.2f} GB"],
-        ["prefix KV cache held at the end", f"{kv_bytes / GB:.3f} GB ({kv_misses - evictions:.0f} tasks)"],
+        ["prefix KV cache held at the end", f"{kv_bytes / GB:.3f} GB ({held:.0f} tasks)"],
         ["prefix KV bytes per task", f"{per_task / 1e6:.3f} MB"],
-        ["prefix KV lookups: hits / misses / evictions", f"{kv_hits:.0f} / {kv_misses:.0f} / {evictions:.0f}"],
+        ["prefix KV lookups: hits / misses (hit rate)",
+         f"{kv_hits:.0f} / {kv_misses:.0f} ({kv_hits / max(1.0, kv_hits + kv_misses):.0%})"],
+        ["prefix KV entries: evicted / not admitted", f"{evictions:.0f} / {rejected:.0f}"],
         ["soft-prompt cache held", f"{metrics.get('ipt_prompt_cache_bytes', 0.0) / 1e6:.1f} MB"],
     ]
     within = sampler.peak < args.limit_gb * GB
     report.notes.append(f"Peak RSS {sampler.peak / GB:.2f} GB is {'within' if within else 'ABOVE'} the "
                         f"{args.limit_gb:.1f} GB bound.")
     report.values.update(ready_rss=ready_rss, peak_rss=sampler.peak, end_rss=sampler.last, kv_bytes=kv_bytes,
-                         kv_hits=kv_hits, kv_misses=kv_misses, kv_evictions=evictions, per_task_kv=per_task,
+                         kv_hits=kv_hits, kv_misses=kv_misses, kv_evictions=evictions, kv_rejected=rejected,
+                         kv_held=held, per_task_kv=per_task,
                          requests=len(requests), within=within)
     return finish(report, args, argv)
 

@@ -16,6 +16,9 @@ PROMPT_CACHE_BYTES = Gauge("ipt_prompt_cache_bytes", "Bytes of soft prompts held
 PREFIX_CACHE = Counter("ipt_prefix_kv_cache_lookups_total",
                        "Prefix KV cache lookups (a task's prompt keys and values), per task of a batch", ["result"])
 PREFIX_CACHE_EVICTIONS = Counter("ipt_prefix_kv_cache_evictions_total", "Tasks evicted from the prefix KV cache")
+PREFIX_CACHE_REJECTED = Counter("ipt_prefix_kv_cache_admissions_rejected_total",
+                                "Computed prefix KV entries not kept: asked for less often than the entry they would "
+                                "have pushed out")
 PREFIX_CACHE_BYTES = Gauge("ipt_prefix_kv_cache_bytes", "Bytes of keys and values held by the prefix KV cache")
 QUEUE_LENGTH = Gauge("ipt_ist_queue_length_jobs", "IST jobs waiting in the queue")
 QUEUE_OLDEST_AGE = Gauge("ipt_ist_queue_oldest_job_age_seconds",

@@ -15,7 +15,7 @@ input (the batcher passes the prompts themselves for them).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -40,7 +40,12 @@ def default_bytes(device: str) -> int:
 
 
 class PrefixKVCache:
-    """(task id, version) -> PromptKV of one row, least recently used first out, at most `max_bytes` held."""
+    """(task id, version) -> PromptKV of one row, at most `max_bytes` held: least recently used first out, and a
+    newcomer that would push an entry out is admitted only if its task has been asked for more often lately than
+    that entry's (TinyLFU admission, as Caffeine does it). Under plain LRU, a stream cycling over more tasks than
+    the cache holds (1000 hot tasks, ~500 fit on a CPU) evicts every entry before its next use and never hits;
+    with admission, the entries held stay and serve their share of the stream. Lookup counts are per task, halved
+    every `10 x entries held` lookups (at least 1024), so that a task that becomes hot is admitted soon."""
 
     def __init__(self, backbone: Backbone, max_bytes: int) -> None:
         if backbone.is_encoder_decoder:
@@ -49,6 +54,9 @@ class PrefixKVCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._items: OrderedDict[Key, PromptKV] = OrderedDict()
+        self._version: dict[str, int] = {}  # task id -> the version held
+        self._lookups: Counter[str] = Counter()  # task id -> recent lookups (aged)
+        self._since_aging = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -59,6 +67,7 @@ class PrefixKVCache:
     def stacked(self, keys: Sequence[Key], prompts: Tensor) -> PromptKV:
         """The caches of `keys` (distinct), row i for keys[i], computing the missing ones from prompts [K, n, d]
         (row i is keys[i]'s prompt) in one forward pass."""
+        self._count(keys)
         missing = [i for i, k in enumerate(keys) if k not in self._items]
         hits = len(keys) - len(missing)
         if hits:
@@ -76,12 +85,26 @@ class PrefixKVCache:
                 rows.append(self._items[key])
         return PromptKV.stack(rows)
 
+    def _count(self, keys: Sequence[Key]) -> None:
+        self._lookups.update(task_id for task_id, _ in keys)
+        self._since_aging += len(keys)
+        if self._since_aging >= max(1024, 10 * len(self._items)):
+            self._lookups = Counter({k: n // 2 for k, n in self._lookups.items() if n > 1})
+            self._since_aging = 0
+
     def _put(self, key: Key, entry: PromptKV) -> None:
-        for stale in [k for k in self._items if k[0] == key[0] and k != key]:
-            self._drop(stale)  # an older version of a retrained task
+        stale = self._version.get(key[0])
+        if stale is not None and stale != key[1]:
+            self._drop((key[0], stale))  # an older version of a retrained task
         if entry.nbytes > self.max_bytes:
             return  # larger than the whole cache (or the cache is off): used once, not kept
+        if self.nbytes + entry.nbytes > self.max_bytes and self._items:
+            victim = next(iter(self._items))
+            if self._lookups[key[0]] <= self._lookups[victim[0]]:
+                metrics.PREFIX_CACHE_REJECTED.inc()  # used for this batch, not kept
+                return
         self._items[key] = entry
+        self._version[key[0]] = key[1]
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
             self._drop(next(iter(self._items)))
@@ -90,4 +113,5 @@ class PrefixKVCache:
 
     def _drop(self, key: Key) -> None:
         self.nbytes -= self._items.pop(key).nbytes
+        del self._version[key[0]]
         metrics.PREFIX_CACHE_BYTES.set(self.nbytes)

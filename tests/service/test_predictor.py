@@ -89,9 +89,14 @@ def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone)
     prompts = torch.stack([items[i].prompt for i in (0, 1, 2)])
     one = tiny_causal.prompt_kv(prompts[:1]).nbytes
     cache = PrefixKVCache(tiny_causal, max_bytes=2 * one)
-    evictions = _counter(metrics.PREFIX_CACHE_EVICTIONS)
-    cache.stacked([("a", 1), ("b", 1), ("c", 1)], prompts)  # three fit in a batch, two stay
-    assert len(cache) == 2 and ("a", 1) not in cache and cache.nbytes == 2 * one
+    evictions, rejected = _counter(metrics.PREFIX_CACHE_EVICTIONS), _counter(metrics.PREFIX_CACHE_REJECTED)
+    got = cache.stacked([("a", 1), ("b", 1), ("c", 1)], prompts)  # three in a batch, two fit
+    assert got.batch == 3  # the one not kept still serves its row
+    # "c" was asked for no more often than "a", the entry it would push out: not kept
+    assert len(cache) == 2 and ("c", 1) not in cache and cache.nbytes == 2 * one
+    assert _counter(metrics.PREFIX_CACHE_REJECTED) - rejected == 1
+    cache.stacked([("c", 1)], prompts[2:])  # asked for again: now more often than "a", which goes
+    assert ("c", 1) in cache and ("a", 1) not in cache and len(cache) == 2
     assert _counter(metrics.PREFIX_CACHE_EVICTIONS) - evictions == 1
     assert metrics.PREFIX_CACHE_BYTES._value.get() == 2 * one
     # a retrained task (new version) replaces its entry: the old keys and values are never served again
@@ -103,6 +108,26 @@ def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone)
     off = PrefixKVCache(tiny_causal, max_bytes=0)
     off.stacked([("a", 1)], prompts[:1])
     assert len(off) == 0 and off.nbytes == 0
+
+
+def test_prefix_cache_keeps_serving_a_cycle_larger_than_itself(tiny_causal: Backbone) -> None:
+    """Round-robin over twice as many tasks as the cache holds: plain LRU would evict each entry before its next
+    use and never hit; with admission by lookup count the entries held stay, and the second pass hits on them."""
+    prompts = torch.randn(8, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(3))
+    one = tiny_causal.prompt_kv(prompts[:1]).nbytes
+    cache = PrefixKVCache(tiny_causal, max_bytes=4 * one)
+    hits = _counter(metrics.PREFIX_CACHE, "hit")
+    for _ in range(3):
+        for k in range(8):
+            cache.stacked([(f"t{k}", 1)], prompts[k:k + 1])
+    assert _counter(metrics.PREFIX_CACHE, "hit") - hits == 2 * 4  # passes 2 and 3: the 4 tasks held
+    assert len(cache) == 4 and cache.nbytes == 4 * one
+    # a task that becomes hot gets in once asked for more often than the least recently used entry (3 lookups)
+    for _ in range(3):
+        cache.stacked([("hot", 1)], prompts[:1])
+    assert ("hot", 1) not in cache
+    cache.stacked([("hot", 1)], prompts[:1])
+    assert ("hot", 1) in cache and ("t0", 1) not in cache and len(cache) == 4
 
 
 def test_seq2seq_backbones_run_without_a_prefix_cache(tiny_seq2seq: Backbone, tiny_causal: Backbone) -> None:
