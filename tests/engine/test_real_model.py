@@ -7,7 +7,7 @@ inside a subspace that MSF found from four related tasks in this test: IST must 
 subspace and the bare PLM by 0.15 test accuracy, PT must beat the bare PLM by as much, and the default IST must
 converge within 15 iterations.
 
-The start matters (issue 14): this subspace's related tasks sit at |z| ~ 10-30, and from z = 0 Gauss-Newton
+The start matters (issue 14): this subspace's related tasks sit at norms 2 to 30, and from z = 0 Gauss-Newton
 can find no step that lowers the train loss by more than 0.005 (the loss along the gradient is lowest at
 |dz| = 0.003 and rises beyond; measured on one CPU where its 4 refused steps ended the run at z = 0), while
 from the best of the related tasks' vectors it reached dev 1.0 in 5 iterations. The worker starts from the
