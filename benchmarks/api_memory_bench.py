@@ -36,6 +36,7 @@ from benchmarks.model_setup import add_common_arguments, prepare
 from benchmarks.redis_server import free_port, redis_server, stop_child
 from benchmarks.report import Report, finish
 from benchmarks.served_app import TaskWriter, category_inputs, service_settings
+from benchmarks.timing import device_kind
 
 GB = 1e9
 API_CODE = ("import sys, uvicorn; from service.settings import Settings; from service.app import create_app; "
@@ -137,16 +138,16 @@ def send_predicts(base: str, requests: list[tuple[str, str]], concurrency: int) 
 
 
 def scrape(base: str) -> dict[str, float]:
-    """The app's own metrics (summed over labels, and by `result` label for the cache lookups)."""
-    text = httpx.get(f"{base}/metrics", trust_env=False, timeout=30).text
+    """The app's own metrics by sample name (summed over labels, but for the `result` label of the lookups)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        key = name.split("{")[0] + ('{result="hit"}' if 'result="hit"' in name else
-                                    '{result="miss"}' if 'result="miss"' in name else "")
-        values[key] = values.get(key, 0.0) + float(value)
+    text = httpx.get(f"{base}/metrics", trust_env=False, timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result = sample.labels.get("result")
+            key = sample.name + (f'{{result="{result}"}}' if result else "")
+            values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
@@ -194,9 +195,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                   else "unset: the service's default (448 MiB on a CPU, 4 GiB on a GPU)")
     import torch
 
-    device = setup.device or ("cuda" if torch.cuda.is_available() else "cpu")  # the app's own default
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    report = Report("api_memory_bench", "API process memory at many hot tasks", kind,
+    device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # the app's default
+    report = Report("api_memory_bench", "API process memory at many hot tasks", device_kind(device),
                     [f"model: {setup.label}, subspace {setup.subspace_note}",
                      f"app: its own process (uvicorn), default caches; prefix KV cache bound {bound_text}",
                      f"load: {args.tasks} distinct tasks, {args.passes} one-input predicts each, round-robin, "

@@ -93,9 +93,9 @@ class PrefixKVCache:
             self._since_aging = 0
 
     def _put(self, key: Key, entry: PromptKV) -> None:
-        stale = self._version.get(key[0])
-        if stale is not None and stale != key[1]:
-            self._drop((key[0], stale))  # an older version of a retrained task
+        stale = self._version.get(key[0])  # key itself is missing, so a held version is an older one
+        if stale is not None:
+            self._drop((key[0], stale))  # of a retrained task
         if entry.nbytes > self.max_bytes:
             return  # larger than the whole cache (or the cache is off): used once, not kept
         if self.nbytes + entry.nbytes > self.max_bytes and self._items:

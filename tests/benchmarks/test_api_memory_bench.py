@@ -22,5 +22,5 @@ def test_api_memory_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert 0 < v["kv_bytes"] <= bound and v["kv_rejected"] > 0  # more tasks than fit: some not admitted
     assert v["per_task_kv"] * v["kv_held"] == pytest.approx(v["kv_bytes"]) and 0 < v["kv_held"] < 32
     assert v["kv_hits"] >= v["kv_held"]  # the second pass hits on every task held
-    assert 1e8 < v["ready_rss"] <= v["peak_rss"] and v["within"] == (v["peak_rss"] < 2e9)
+    assert 1e8 < v["ready_rss"] <= v["peak_rss"]
     assert "<!-- api_memory_bench:cpu start -->" in docs.read_text()
