@@ -73,6 +73,9 @@ class ExperimentConfig:
     alpha: float = 200.0
     with_proj: bool = True
     msf_recon_warmup_steps: int = 0  # MSF with Proj: steps fitting Proj/Proj_b to the prompts alone first
+    # the dtype MSF's weights are stored in; every later stage loads them from disk, so with "float16" the study
+    # measures exactly the fp16 weights (17.7 MB at n = 20, small enough to commit and to resume from git)
+    msf_weights_dtype: str = "float32"
     ist_seen_tasks: int | None = None  # cap on the train tasks re-learnt by IST in the two "seen" challenges
     stability_tasks: int | None = None  # cap on the unseen tasks of the stability study (taken in turn by kind)
     tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
@@ -88,6 +91,8 @@ class ExperimentConfig:
                 setattr(self, name, StageSettings(**value))
         if not self.d_intrinsic:
             raise ValueError("d_intrinsic needs at least one value")
+        if self.msf_weights_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"msf_weights_dtype must be float32, float16 or bfloat16, got {self.msf_weights_dtype!r}")
         if self.data_seed == self.unseen_data_seed:
             raise ValueError("unseen_data_seed must differ from data_seed")
 

@@ -282,8 +282,9 @@ class ExperimentRun:
         if prompts is not None:
             summary["reconstruction_mse"] = reconstruction_error(result.subspace, prompts)
         save_artifact(out, result.subspace, self.backbone.backbone_id, self.backbone.input_embeddings,
-                      eval_summary=summary, provenance={"experiment": cfg.name, "tasks": self.train_names,
-                                                        "alpha": cfg.alpha, "msf": cfg.msf.__dict__})
+                      dtype=getattr(torch, cfg.msf_weights_dtype), eval_summary=summary,
+                      provenance={"experiment": cfg.name, "tasks": self.train_names, "alpha": cfg.alpha,
+                                  "msf": cfg.msf.__dict__})
         save_named(out / "task_vectors.safetensors",
                    {n: result.task_vectors[i] for i, n in enumerate(self.train_names)})
         return out
