@@ -170,7 +170,7 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
         config = settings.adamw_config(dev_loss=False, progress=True)
         results = intrinsic_subspace_tune(bb, task_list, art.subspace.proj_b, config, init=init, known_vectors=known)
     else:
-        starts = (start_candidates(art.subspace.config.d_intrinsic, known)
+        starts = (start_candidates(art.subspace.config.d_intrinsic, known, proj_b=art.subspace.proj_b)
                   if optimizer is ISTOptimizer.GAUSS_NEWTON else None)
         results = tune(bb, task_list, art.subspace.proj_b, settings, start_candidates=starts)
     save_named(out / VECTORS_FILE, {r.task: r.z for r in results})

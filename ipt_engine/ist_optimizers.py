@@ -16,16 +16,18 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ISTResult, intrinsic_subspace_tune
 from ipt_engine.ist_gauss_newton import GaussNewtonConfig, gauss_newton_subspace_tune
 from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
+from ipt_engine.ist_starts import start_candidates
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
 from ipt_engine.training import EvalHook, TrainConfig
+
+__all__ = ["ISTOptimizer", "ISTSettings", "start_candidates", "tune"]
 
 
 class ISTOptimizer(StrEnum):
@@ -72,18 +74,6 @@ class ISTSettings:
                   "eval_every": self.eval_every, "patience": self.patience, "dev_loss": True,
                   "max_new_tokens": self.max_new_tokens, "seed": self.seed}
         return TrainConfig(**{**fields, **overrides})
-
-
-def start_candidates(d_intrinsic: int, known_vectors: Tensor | None = None) -> Tensor:
-    """The starts Gauss-Newton IST chooses from: z = 0, then (with known task vectors [k, d_I], e.g. the vectors
-    MSF learned for its train tasks) their mean and each of them. Returns [1 (+ 1 + k), d_I]."""
-    zero = torch.zeros(1, d_intrinsic)
-    if known_vectors is None or known_vectors.numel() == 0:
-        return zero
-    if known_vectors.dim() != 2 or known_vectors.shape[1] != d_intrinsic:
-        raise ValueError(f"known vectors must be [k, d_I={d_intrinsic}], got {tuple(known_vectors.shape)}")
-    known = known_vectors.detach().float().cpu()
-    return torch.cat([zero, known.mean(0, keepdim=True), known])
 
 
 def tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, settings: ISTSettings, *,

@@ -128,7 +128,8 @@ def _train_task(task_id: str, task: dict[str, Any], training: dict[str, Any],
         if own.start_z is not None:  # the job trains alone (ISTJob.batches_with): from exactly its start
             starts = torch.tensor([own.start_z], dtype=torch.float32)
         elif runtime.known_vectors is not None and config.optimizer is ISTOptimizer.GAUSS_NEWTON:
-            starts = start_candidates(runtime.subspace.config.d_intrinsic, runtime.known_vectors)
+            starts = start_candidates(runtime.subspace.config.d_intrinsic, runtime.known_vectors,
+                                      proj_b=runtime.subspace.proj_b)
 
         def on_evaluate_of(step: int, entries: dict[int, HistoryEntry]) -> list[int]:
             stop = on_evaluate(step, {indices[j]: entry for j, entry in entries.items()})

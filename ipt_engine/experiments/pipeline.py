@@ -320,8 +320,9 @@ class ExperimentRun:
         a Proj_b of the same shapes at its seeded random initialisation, which MSF never trained.
 
         With a full-batch optimiser (config `ist.optimizer`), IST in the MSF subspace chooses its start among
-        z = 0, the mean and each of the train tasks' vectors, as the service does; the control has no task
-        vectors and starts at z = 0. (In the "seen" challenges the task's own MSF vector is among the starts.)"""
+        z = 0, the mean and the train tasks' vectors (their medoids in prompt space when there are many:
+        `ipt_engine.ist_starts`), as the service does; the control has no task vectors and starts at z = 0. (In the
+        "seen" challenges the task's own MSF vector is among the starts only when it is one of the medoids.)"""
         cfg = self.config
         names, seed = self._challenge_tasks(challenge)
         proj_b = load_artifact(artifact).subspace.proj_b
@@ -331,7 +332,8 @@ class ExperimentRun:
         starts = None
         if not random_subspace and (artifact / VECTORS_FILE).is_file():
             starts = start_candidates(proj_b.config.d_intrinsic,
-                                      stack_for(self.train_names, load_named(artifact / VECTORS_FILE), "task vectors"))
+                                      stack_for(self.train_names, load_named(artifact / VECTORS_FILE), "task vectors"),
+                                      proj_b=proj_b)
 
         def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
             if cfg.ist.optimizer == "adamw":
