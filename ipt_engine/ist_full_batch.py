@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.evaluation import predict, score_predictions
+from ipt_engine.evaluation import predict_with_prompts, score_predictions
 from ipt_engine.ist import ISTResult
+from ipt_engine.prompt_kv import PromptKV
 from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, EvalHook, HistoryEntry, mean_dev_losses
@@ -65,8 +66,14 @@ class TrainObjective:
         if self.options is None:
             ll, count = self.backbone.target_log_likelihood(prompts, sources, [p.target for p in chunk])
             return -(ll / count.clamp(min=1))
-        options = [self.options[i] for i in rows]
-        sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options)
+        return self._option_losses(prompts, rows)
+
+    def _option_losses(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None) -> Tensor:
+        """The right option's cross-entropy [len(rows)] of the given rows, with prompts [len(rows), n, d] or their
+        keys and values (`prompt_kv`, len(rows) rows)."""
+        assert self.options is not None
+        sources, options = [self.pairs[i].source for i in rows], [self.options[i] for i in rows]
+        sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options, prompt_kv=prompt_kv)
         scores = (sums / counts.clamp(min=1)).split([len(o) for o in options])
         gold = [self.gold[i] for i in rows]
         return torch.stack([-s.log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
@@ -81,10 +88,14 @@ class TrainObjective:
 
     @torch.no_grad()
     def losses_at(self, z: Tensor, rows: Sequence[int]) -> Tensor:
-        """Losses [len(rows)] at z [d_I] of the given train rows (no gradient)."""
+        """Losses [len(rows)] at z [d_I] of the given train rows (no gradient). With answer options on a causal
+        LM, the prompt Proj_b(z) runs through the model once and every row reuses its keys and values."""
         z = z.detach().to(self.backbone.device)
-        return torch.cat([self._row_losses(z.expand(len(rows[s:s + self.chunk]), -1), rows[s:s + self.chunk])
-                          .float().cpu() for s in range(0, len(rows), self.chunk)])
+        chunks = [rows[s:s + self.chunk] for s in range(0, len(rows), self.chunk)]
+        if self.options is not None and not self.backbone.is_encoder_decoder:
+            kv = self.backbone.prompt_kv(self.proj_b(z[None]))
+            return torch.cat([self._option_losses(None, c, kv.select([0] * len(c))).float().cpu() for c in chunks])
+        return torch.cat([self._row_losses(z.expand(len(c), -1), c).float().cpu() for c in chunks])
 
     @torch.no_grad()
     def row_losses(self, z: Tensor, max_rows: int | None = None) -> Tensor:
@@ -154,7 +165,7 @@ def dev_score_and_loss(backbone: Backbone, task: Task, prompt: Tensor, option_lo
     """A task's dev score and dev loss with `prompt` [1, n, d]. The loss is the one
     `TrainObjective` trains (the right option's cross-entropy, read off the scored options, for tasks with
     options and `option_loss`; else the mean token NLL of the dev targets, one more forward pass)."""
-    (predictions,) = predict(backbone, [task], [task.dev], prompt, max_new_tokens=max_new_tokens)
+    (predictions,) = predict_with_prompts(backbone, [task], [task.dev], prompt, max_new_tokens=max_new_tokens)
     score = score_predictions(task, task.dev, predictions)
     if option_loss and task.kind.has_options:
         gold = [p.options.index(e.output.strip()) if p.options and e.output.strip() in p.options else None

@@ -173,3 +173,15 @@ def test_start_candidates_are_zero_then_the_mean_and_the_known_vectors() -> None
     assert torch.equal(starts, torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 1.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]))
     with pytest.raises(ValueError, match="d_I=4"):
         start_candidates(4, known)
+
+
+@pytest.mark.parametrize("kind", [TaskKind.CLASSIFICATION, TaskKind.GENERATION])
+def test_losses_at_chosen_rows_equal_the_full_pass(tiny_causal: Backbone, proj_b: ProjB, kind: TaskKind) -> None:
+    """The start screen's forward-only losses (with options: the prompt's keys and values computed once and
+    reused by every row) equal the per-row losses of the training pass."""
+    objective = TrainObjective(tiny_causal, make_task("t", kind, n=10), proj_b, max_rows_per_forward=3)
+    z = torch.randn(4, generator=torch.Generator().manual_seed(2)) * 3
+    full = objective.row_losses(z)
+    rows = [0, 2, 3, 7]
+    assert torch.allclose(objective.losses_at(z, rows), full[rows], atol=1e-4)
+    assert not torch.allclose(objective.losses_at(-z, rows), full[rows], atol=1e-4)
