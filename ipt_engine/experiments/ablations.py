@@ -23,6 +23,7 @@ from ipt_engine.experiments.pipeline import ExperimentRun
 from ipt_engine.experiments.selection import chosen_d
 from ipt_engine.ist import ZInit, intrinsic_subspace_tune
 from ipt_engine.ist_optimizers import ISTSettings, tune
+from ipt_engine.ist_starts import MAX_START_CANDIDATES, start_candidates
 from ipt_engine.metrics import e_abs, e_rel
 from ipt_engine.msf import find_subspace
 from ipt_engine.named_tensors import load_chunks, load_named, save_named, stack_for
@@ -45,6 +46,8 @@ class Lever:
     optimizer: str = "adamw"  # "adamw": the run's IST loop; "lbfgs" or "gauss_newton": the full-batch optimisers
     # with the service's defaults (ipt_engine.ist_optimizers)
     time_of: str | None = None  # AdamW only: stop each task at the wall time this other lever took on it
+    starts: str = "zero"  # Gauss-Newton only: "zero" (z = 0), "medoids" (the service's start candidates: z = 0, the
+    # mean and the known vectors' medoids, ipt_engine.ist_starts) or "all" (z = 0, the mean and every known vector)
 
 
 LEVERS: tuple[Lever, ...] = (
@@ -60,10 +63,16 @@ LEVERS: tuple[Lever, ...] = (
     Lever("msf-alpha-20", "MSF with alpha = 20 instead of 200 (less weight on reconstruction)", msf={"alpha": 20.0}),
     Lever("ist-lbfgs", "IST with full-batch L-BFGS (strong Wolfe, up to 12 iterations, patience 4) instead of AdamW",
           optimizer="lbfgs"),
-    Lever("ist-gauss-newton", "IST with the service's default: damped Gauss-Newton on the full train set, option "
-          "loss, up to 12 iterations, patience 4, the lowest dev loss kept", optimizer="gauss_newton"),
+    Lever("ist-gauss-newton", "IST with the service's optimiser, started at z = 0: damped Gauss-Newton on the full "
+          "train set, option loss, up to 12 iterations, patience 4, the lowest dev loss kept",
+          optimizer="gauss_newton"),
     Lever("ist-adamw-equal-time", "the run's AdamW IST, each task stopped at the wall time ist-gauss-newton took "
           "on it", time_of="ist-gauss-newton"),
+    Lever("ist-gauss-newton-starts", "the service's IST: Gauss-Newton as in ist-gauss-newton, started at the best "
+          "(train loss on 16 rows) of z = 0, the mean and the medoids of the train tasks' vectors",
+          optimizer="gauss_newton", starts="medoids"),
+    Lever("ist-gauss-newton-all-starts", "Gauss-Newton as in ist-gauss-newton-starts, choosing among every train "
+          "task's vector instead of their medoids", optimizer="gauss_newton", starts="all"),
 )
 
 
@@ -120,7 +129,11 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
     settings = _ist_settings(cfg, lever.ist)
     if lever.optimizer != "adamw":
         full_batch = ISTSettings(optimizer=lever.optimizer, max_new_tokens=cfg.max_new_tokens)
-        results = tune(run.backbone, tasks, proj_b, full_batch)
+        starts = None
+        if lever.starts != "zero":
+            cap = MAX_START_CANDIDATES if lever.starts == "medoids" else known.shape[0] + 2
+            starts = start_candidates(d, known, proj_b=proj_b, max_candidates=cap)
+        results = tune(run.backbone, tasks, proj_b, full_batch, start_candidates=starts)
     elif lever.time_of is not None:
         budget = run_lever(run, summary, next(v for v in LEVERS if v.name == lever.time_of), d)["per_task"]
         train = settings.train_config(cfg.data_seed, cfg.max_new_tokens)
@@ -137,7 +150,7 @@ def run_lever(run: ExperimentRun, summary: dict[str, Any], lever: Lever, d: int)
                 for r, s in zip(results, test, strict=True)}
     out = {"lever": lever.name, "description": lever.description, "d_intrinsic": d, "per_task": per_task,
            "ist": settings.__dict__, "init": str(lever.init), "msf": lever.msf,
-           "optimizer": lever.optimizer,
+           "optimizer": lever.optimizer, "starts": lever.starts,
            "seconds": round(time.perf_counter() - start, 1), **lever_scores(summary, per_task)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -173,7 +173,8 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     card = (out / "MODEL_CARD.md").read_text()
     assert "d_I = 2" in card and all(n in card for n in summary["train_tasks"])
 
-    names = ["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs", "ist-adamw-equal-time"]
+    names = ["ist-lr-0.1", "init-nearest", "msf-without-proj", "ist-lbfgs", "ist-adamw-equal-time",
+             "ist-gauss-newton-starts"]
     levers = run_levers(run_dir, only=names)
     assert [r["lever"] for r in levers] == names
     assert levers[3]["optimizer"] == "lbfgs" and all(r["history"] for r in levers[3]["per_task"].values())
@@ -184,6 +185,10 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     for name, v in levers[4]["per_task"].items():
         budget = newton["per_task"][name]["seconds"]
         assert v["seconds"] >= budget - 0.01 if v["error"] == STOPPED_BY_REQUEST else v["error"] is None
+    # started among the known vectors: a task's first evaluation is at one of them (|z| > 0), not only at z = 0
+    assert levers[5]["starts"] == "medoids" and newton["starts"] == "zero"
+    assert any(v["history"][0]["norm"] > 0 for v in levers[5]["per_task"].values())
+    assert all(v["history"][0]["norm"] == 0 for v in newton["per_task"].values())
     for r in levers:
         assert set(r["per_task"]) == set(summary["test_tasks"])
         assert (run_dir / "ablations" / f"{r['lever']}.json").is_file()
