@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.data.everyday import everyday_tasks
+from ipt_engine.evaluation import predict, predict_with_prompts
 from ipt_engine.model_loading import load_smollm2
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import TaskKind, to_text_pair
@@ -75,6 +77,19 @@ def main() -> None:
         opts = [[" " + label for label in LABELS]] * batch
         seconds = timed(lambda p=prompts, s=src, o=opts: bb.score_options(p, s, o), args.repeats)
         rows.append((f"scoring, batch {batch} x {len(LABELS)} options, n={n}", f"{batch / seconds:.1f} examples/s"))
+
+    # a dev or test pass of 4 tasks (the everyday suite's dev sets): every row with its task's prompt, against
+    # each task's prompt run once and its keys and values reused by the task's rows (what evaluate() does)
+    tasks = everyday_tasks()
+    examples = [list(t.dev) for t in tasks]
+    rows_total = sum(len(e) for e in examples)
+    prompts = (torch.randn(len(tasks), n, d, generator=gen) * 0.5).to(bb.device)
+    plain = timed(lambda: predict(bb, tasks, examples, prompts), args.repeats)
+    once = timed(lambda: predict_with_prompts(bb, tasks, examples, prompts), args.repeats)
+    rows.append((f"evaluation, {len(tasks)} tasks x {rows_total} dev rows, n={n}: prompt with every row",
+                 f"{rows_total / plain:.1f} examples/s"))
+    rows.append((f"evaluation, same rows: each task's prompt run once (keys and values reused)",
+                 f"{rows_total / once:.1f} examples/s ({plain / once:.2f}x)"))
 
     config = SubspaceConfig(n_prompt=n, d_model=d, d_intrinsic=args.d_intrinsic, d_hidden=args.d_hidden)
     proj_b = IntrinsicSubspace(config).proj_b.to(bb.device)
