@@ -319,9 +319,10 @@ class ExperimentRun:
         """IST of one challenge's tasks in the MSF subspace at d_I = d, or (`random_subspace`) in the control:
         a Proj_b of the same shapes at its seeded random initialisation, which MSF never trained.
 
-        With a full-batch optimiser (config `ist.optimizer`), IST in the MSF subspace chooses its start among
-        z = 0, the mean and the train tasks' vectors (their medoids in prompt space when there are many:
-        `ipt_engine.ist_starts`), as the service does; the control has no task vectors and starts at z = 0. (In the
+        With Gauss-Newton (config `ist.optimizer`), IST in the MSF subspace chooses its start among z = 0, the mean
+        and the train tasks' vectors (their medoids in prompt space when there are many: `ipt_engine.ist_starts`), as
+        the service does. The control chooses the same way among the same vectors decoded by its own untrained
+        Proj_b, so that the two differ only in the decoder MSF trained, not in how many starts they try. (In the
         "seen" challenges the task's own MSF vector is among the starts only when it is one of the medoids.)"""
         cfg = self.config
         names, seed = self._challenge_tasks(challenge)
@@ -330,7 +331,7 @@ class ExperimentRun:
             proj_b = random_proj_b(proj_b.config, RANDOM_SUBSPACE_SEED + d)
 
         starts = None
-        if not random_subspace and (artifact / VECTORS_FILE).is_file():
+        if (artifact / VECTORS_FILE).is_file():
             starts = start_candidates(proj_b.config.d_intrinsic,
                                       stack_for(self.train_names, load_named(artifact / VECTORS_FILE), "task vectors"),
                                       proj_b=proj_b)

@@ -147,6 +147,10 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     assert set(summary["stability"]["per_task"]) < set(summary["test_tasks"])
     for r in summary["per_d"]["2"]["unseen_tasks"].values():
         assert 1 <= r["steps"] <= 2 and r["history"] and r["seconds"] > 0
+    # both subspaces choose their start among z = 0 and the train tasks' vectors: not every task starts at z = 0
+    for ist in (summary["per_d"]["2"]["unseen_tasks"], summary["per_d"]["2"]["random"]["unseen_tasks"]):
+        assert any(r["history"][0]["norm"] > 0 for r in ist.values())
+    assert "medoids in prompt space" in write_report(run_dir).read_text()
     # MSF says what its joint LM steps add to the reconstruction warm-up, per task and on average
     msf = summary["per_d"]["2"]["msf"]
     assert set(msf["warmup_dev"]) == set(msf["dev"]) == set(summary["train_tasks"])
