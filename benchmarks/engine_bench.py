@@ -88,7 +88,7 @@ def main() -> None:
     once = timed(lambda: predict_with_prompts(bb, tasks, examples, prompts), args.repeats)
     rows.append((f"evaluation, {len(tasks)} tasks x {rows_total} dev rows, n={n}: prompt with every row",
                  f"{rows_total / plain:.1f} examples/s"))
-    rows.append((f"evaluation, same rows: each task's prompt run once (keys and values reused)",
+    rows.append(("evaluation, same rows: each task's prompt run once (keys and values reused)",
                  f"{rows_total / once:.1f} examples/s ({plain / once:.2f}x)"))
 
     config = SubspaceConfig(n_prompt=n, d_model=d, d_intrinsic=args.d_intrinsic, d_hidden=args.d_hidden)

@@ -5,8 +5,10 @@ The suite is `ipt_engine.data.everyday` (app-review sentiment, product category,
 task, test accuracy (rank classification, as the service answers) of:
 - no prompt: the bare model;
 - Proj_b(0): the subspace's origin, the prompt IST starts from (a control);
-- IST, the service's default optimiser (Gauss-Newton, its default settings), in the given subspace;
-- IST, the same in a random Proj_b of the same shape (a control: what the learned subspace adds);
+- IST, the service's default optimiser (Gauss-Newton, its default settings), in the given subspace, started where
+  the worker starts it (the best of z = 0, the mean and the medoids of the artifact's task vectors, if it has any);
+- IST, the same in a random Proj_b of the same shape, choosing among the same vectors (a control: what the learned
+  subspace adds);
 - IST with AdamW, the service's earlier default (lr 1.0, 8 rows per step, dev every 10 steps), given the default
   IST's wall time;
 - vanilla prompt tuning (n = the subspace's prompt length, AdamW lr 0.1, 8 rows per step, dev every 5 steps),
@@ -70,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from ipt_engine.experiments.intervals import mean_with_interval
     from ipt_engine.experiments.pipeline import random_proj_b
     from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, tune
+    from ipt_engine.ist_starts import start_candidates
     from ipt_engine.prompt_tuning import prompt_tune
-    from ipt_engine.subspace_artifact import load_artifact
+    from ipt_engine.subspace_artifact import load_artifact, load_task_vectors
     from ipt_engine.training import TrainConfig, stop_after
     from service.runtime import Runtime
 
@@ -83,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
         proj_b = artifact.subspace.proj_b
         shape = artifact.subspace.config
         control = random_proj_b(shape, 2024 + args.seed).to(bb.device)
+        # where IST starts, as the worker chooses (z = 0, the mean and the medoids of the artifact's task vectors,
+        # when it ships them); the control chooses among the same vectors decoded by its own Proj_b
+        known = load_task_vectors(setup.subspace)
+        starts, control_starts = (None, None) if known is None else (
+            start_candidates(shape.d_intrinsic, known, proj_b=proj_b),
+            start_candidates(shape.d_intrinsic, known, proj_b=control))
         tasks = everyday_tasks(args.tasks.split(",") if args.tasks else None)
         if args.quick:  # a tiny model: fewer examples, same code paths
             tasks = [replace(t, train=t.train[:6], dev=t.dev[:4], test=t.test[:4]) for t in tasks[:1]]
@@ -101,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 scores["Proj_b(0)"][task.name] = test_score(proj_b(torch.zeros(1, shape.d_intrinsic,
                                                                                device=bb.device)))
             began = time.perf_counter()
-            (ist,) = tune(bb, [task], proj_b, default)
+            (ist,) = tune(bb, [task], proj_b, default, start_candidates=starts)
             ist_s = time.perf_counter() - began
-            (rnd,) = tune(bb, [task], control, default)
+            (rnd,) = tune(bb, [task], control, default, start_candidates=control_starts)
             with torch.no_grad():
                 scores["IST (default)"][task.name] = test_score(proj_b(ist.z[None].to(bb.device)))
                 scores["IST, random Proj_b"][task.name] = test_score(control(rnd.z[None].to(bb.device)))

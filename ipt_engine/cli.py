@@ -24,7 +24,7 @@ from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
 from ipt_engine.prompt_tuning import prompt_tune
 from ipt_engine.subspace import SubspaceConfig
-from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, save_artifact
+from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, load_task_vectors, save_artifact
 from ipt_engine.tasks import Task, load_tasks
 from ipt_engine.training import TrainConfig, TrainResult
 
@@ -160,10 +160,8 @@ def ist(tasks: TasksArg, subspace: Annotated[Path, typer.Option(help="subspace a
     bb = _backbone(backbone, device, dtype)
     art = load_artifact(subspace, backbone_id=bb.backbone_id, embeddings=bb.input_embeddings)
     known = None
-    if (subspace / VECTORS_FILE).is_file() and (optimizer is ISTOptimizer.GAUSS_NEWTON
-                                                  or init in (ZInit.MEAN, ZInit.NEAREST)):
-        vectors = load_named(subspace / VECTORS_FILE)
-        known = stack_for(sorted(vectors), vectors, "vectors")
+    if optimizer is ISTOptimizer.GAUSS_NEWTON or init in (ZInit.MEAN, ZInit.NEAREST):
+        known = load_task_vectors(subspace)
     settings = ISTSettings(optimizer=optimizer, max_iterations=max_iterations, patience=patience, learning_rate=lr,
                            max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, seed=seed)
     if optimizer is ISTOptimizer.ADAMW:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ipt_engine.errors import IncompatibleArtifactError
+from ipt_engine.named_tensors import load_named, stack_for
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 
 FORMAT_VERSION = 1
@@ -154,3 +155,13 @@ def load_artifact(path: str | Path, *, backbone_id: str | None = None, embedding
     except RuntimeError as exc:
         raise IncompatibleArtifactError(f"{weights} does not match its metadata {config}: {exc}") from None
     return SubspaceArtifact(subspace.to(device).eval(), meta)
+
+
+def load_task_vectors(path: str | Path) -> Tensor | None:
+    """The known task vectors beside an artifact (`VECTORS_FILE`), stacked in task-name order: [k, d_I], or None
+    when the artifact has none."""
+    file = Path(path) / VECTORS_FILE
+    if not file.is_file():
+        return None
+    named = load_named(file)
+    return stack_for(sorted(named), named, "task vectors")

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.named_tensors import load_named, stack_for
 from ipt_engine.subspace import IntrinsicSubspace
-from ipt_engine.subspace_artifact import VECTORS_FILE, ArtifactMetadata, load_artifact
+from ipt_engine.subspace_artifact import ArtifactMetadata, load_artifact, load_task_vectors
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,11 +43,7 @@ def load_runtime(settings: Settings) -> Runtime:
         artifact = load_artifact(settings.subspace, backbone_id=backbone.backbone_id,
                                  embeddings=backbone.input_embeddings, device=backbone.device)
         artifact_id = artifact_id_of(artifact.metadata)
-        vectors_file = settings.subspace / VECTORS_FILE
-        known = None
-        if vectors_file.is_file():  # written by `ipt msf` next to the subspace: where known tasks sit in it
-            named = load_named(vectors_file)
-            known = stack_for(sorted(named), named, "task vectors")
+        known = load_task_vectors(settings.subspace)  # beside the subspace: where known tasks sit in it
         _runtimes[key] = Runtime(backbone, artifact.subspace, artifact_id, time.perf_counter() - start, known)
         log.info("runtime loaded in %.1f s: %s", _runtimes[key].load_seconds, artifact_id)
     return _runtimes[key]
