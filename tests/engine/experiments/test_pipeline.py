@@ -198,6 +198,9 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
         assert (run_dir / "ablations" / f"{r['lever']}.json").is_file()
     assert levers[0]["ist"]["learning_rate"] == 0.1
     assert (run_dir / "ablations" / "msf-msf-without-proj" / "dI2" / "subspace.json").is_file()
+    (slow,) = run_levers(run_dir, only=["msf-lr-1e-5"])  # MSF's joint steps at another learning rate
+    made = json.loads((run_dir / "ablations" / "msf-msf-lr-1e-5" / "dI2" / "subspace.json").read_text())
+    assert made["provenance"]["learning_rate"] == 1e-5 and set(slow["per_task"]) == set(summary["test_tasks"])
     again = run_levers(run_dir, only=["ist-lr-0.1"])  # cached: read back, not recomputed
     assert again[0] == levers[0]
     notes = tmp_path / "notes.md"
