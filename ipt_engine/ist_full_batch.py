@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -35,11 +36,15 @@ class TrainObjective:
       right option among the row's options, each scored as the service ranks them (mean log-likelihood per
       token). It is what accuracy measures: the token loss of a label word is mostly about how likely label
       words are at all (5 to 12 nats per token on everyday tasks with SmolLM2), which moves no decision.
-    - otherwise (generation, or `option_loss=False`): the mean negative log-likelihood per target token."""
+    - otherwise (generation, or `option_loss=False`): the mean negative log-likelihood per target token.
+
+    `autocast`: a dtype the backbone's passes run in under torch.autocast (e.g. bfloat16 on a CPU that computes
+    it natively: half the time of a float32 forward-backward), or None for the model's own dtype. Proj_b(z) and
+    the losses stay float32; dev (`DevSelection`) is always scored in the model's dtype, as the service serves."""
 
     def __init__(self, backbone: Backbone, task: Task, proj_b: ProjB, max_rows_per_forward: int = 64,
-                 option_loss: bool = True) -> None:
-        self.backbone, self.proj_b, self.chunk = backbone, proj_b, max_rows_per_forward
+                 option_loss: bool = True, autocast: torch.dtype | None = None) -> None:
+        self.backbone, self.proj_b, self.chunk, self.autocast = backbone, proj_b, max_rows_per_forward, autocast
         self.pairs = [task.text_pair(e) for e in task.train]
         self.options: list[list[str]] | None = None
         self.gold: list[int] = []
@@ -63,10 +68,17 @@ class TrainObjective:
         rows = range(start, start + z_rows.shape[0]) if isinstance(start, int) else list(start)
         chunk = [self.pairs[i] for i in rows]
         prompts, sources = self.proj_b(z_rows), [p.source for p in chunk]
-        if self.options is None:
-            ll, count = self.backbone.target_log_likelihood(prompts, sources, [p.target for p in chunk])
-            return -(ll / count.clamp(min=1))
-        return self._option_losses(prompts, rows)
+        with self._precision():
+            if self.options is None:
+                ll, count = self.backbone.target_log_likelihood(prompts, sources, [p.target for p in chunk])
+                return -(ll.float() / count.clamp(min=1))
+            return self._option_losses(prompts, rows)
+
+    def _precision(self) -> AbstractContextManager[object]:
+        """The backbone's passes under autocast to `self.autocast`, or as they are."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast)
 
     def _option_losses(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None) -> Tensor:
         """The right option's cross-entropy [len(rows)] of the given rows, with prompts [len(rows), n, d] or their
@@ -76,7 +88,7 @@ class TrainObjective:
         sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options, prompt_kv=prompt_kv)
         scores = (sums / counts.clamp(min=1)).split([len(o) for o in options])
         gold = [self.gold[i] for i in rows]
-        return torch.stack([-s.log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
+        return torch.stack([-s.float().log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
 
     def spread_rows(self, count: int) -> list[int]:
         """`count` row indices spread evenly over the train set (all rows when it has no more): a cheap sample
@@ -93,8 +105,11 @@ class TrainObjective:
         z = z.detach().to(self.backbone.device)
         chunks = [rows[s:s + self.chunk] for s in range(0, len(rows), self.chunk)]
         if self.options is not None and not self.backbone.is_encoder_decoder:
-            kv = self.backbone.prompt_kv(self.proj_b(z[None]))
-            return torch.cat([self._option_losses(None, c, kv.select([0] * len(c))).float().cpu() for c in chunks])
+            prompt = self.proj_b(z[None])
+            with self._precision():
+                kv = self.backbone.prompt_kv(prompt)
+                return torch.cat([self._option_losses(None, c, kv.select([0] * len(c))).float().cpu()
+                                  for c in chunks])
         return torch.cat([self._row_losses(z.expand(len(c), -1), c).float().cpu() for c in chunks])
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.device import train_autocast_dtype
 from ipt_engine.ist import ISTResult
 from ipt_engine.ist_full_batch import DevSelection, TrainObjective, check_initial_z, run_per_task
 from ipt_engine.subspace import ProjB
@@ -56,8 +57,11 @@ class GaussNewtonConfig:
     option_loss: bool = True  # tasks with answer options: cross-entropy over the options (see TrainObjective)
     max_rows_per_forward: int = 64  # a task's train rows are split into micro-batches
     max_new_tokens: int = 32  # greedy decoding length when evaluating generation tasks
+    train_precision: str = "auto"  # the train passes' autocast (ipt_engine.device.train_autocast_dtype); dev is
+    # scored in the model's dtype
 
     def __post_init__(self) -> None:
+        train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
         for name in ("max_iterations", "patience", "start_rows", "max_rows_per_forward", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,9 +91,11 @@ def gauss_newton_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b
                                          or start_candidates.shape[1] != d_i):
         raise ValueError(f"start_candidates must be [k >= 1, d_I={d_i}], got {tuple(start_candidates.shape)}")
     starts = check_initial_z(initial_z, len(tasks), d_i)
+    autocast = train_autocast_dtype(config.train_precision, backbone.device, backbone.dtype)
 
     def tune_one(index: int, task: Task) -> ISTResult:
-        objective = TrainObjective(backbone, task, proj_b, config.max_rows_per_forward, config.option_loss)
+        objective = TrainObjective(backbone, task, proj_b, config.max_rows_per_forward, config.option_loss,
+                                   autocast)
         start = starts[index] if start_candidates is None else choose_start(objective, start_candidates,
                                                                             config.start_rows)
         selection = DevSelection(backbone, task, proj_b, patience=config.patience,

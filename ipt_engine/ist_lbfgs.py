@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.device import train_autocast_dtype
 from ipt_engine.ist import ISTResult
 from ipt_engine.ist_full_batch import DevSelection, TrainObjective, check_initial_z, run_per_task
 from ipt_engine.subspace import ProjB
@@ -36,8 +37,10 @@ class LBFGSConfig:
     option_loss: bool = True  # tasks with answer options: cross-entropy over the options (see TrainObjective)
     max_rows_per_forward: int = 64  # a task's train rows are split into accumulated micro-batches
     max_new_tokens: int = 32  # greedy decoding length when evaluating generation tasks
+    train_precision: str = "auto"  # the train passes' autocast (ipt_engine.device.train_autocast_dtype)
 
     def __post_init__(self) -> None:
+        train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
         for name in ("max_iterations", "patience", "history_size", "max_rows_per_forward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -51,9 +54,11 @@ def lbfgs_subspace_tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB
     per evaluation (iteration 0 is the start). The kept z is the one with the lowest dev loss."""
     check_trainable(tasks)
     starts = check_initial_z(initial_z, len(tasks), proj_b.config.d_intrinsic)
+    autocast = train_autocast_dtype(config.train_precision, backbone.device, backbone.dtype)
 
     def tune_one(index: int, task: Task) -> ISTResult:
-        objective = TrainObjective(backbone, task, proj_b, config.max_rows_per_forward, config.option_loss)
+        objective = TrainObjective(backbone, task, proj_b, config.max_rows_per_forward, config.option_loss,
+                                   autocast)
         selection = DevSelection(backbone, task, proj_b, patience=config.patience,
                                  max_new_tokens=config.max_new_tokens, option_loss=config.option_loss,
                                  task_index=index, on_evaluate=on_evaluate)

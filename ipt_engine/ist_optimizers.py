@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.device import TRAIN_PRECISIONS
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ISTResult, intrinsic_subspace_tune
 from ipt_engine.ist_gauss_newton import GaussNewtonConfig, gauss_newton_subspace_tune
 from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
@@ -52,9 +53,13 @@ class ISTSettings:
     eval_every: int = 10  # AdamW only: steps between dev evaluations
     seed: int = 0  # AdamW only: row sampling
     max_new_tokens: int = 32
+    train_precision: str = "auto"  # full batch only: the train passes' autocast (bfloat16 where the hardware
+    # computes it natively; ipt_engine.device.train_autocast_dtype); dev is scored in the model's dtype
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", ISTOptimizer(self.optimizer))
+        if self.train_precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"train_precision must be one of {list(TRAIN_PRECISIONS)}, got {self.train_precision!r}")
         for name in ("max_iterations", "patience", "max_steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,11 +89,11 @@ def tune(backbone: Backbone, tasks: Sequence[Task], proj_b: ProjB, settings: IST
     the one with the lowest train loss per task; the other optimisers start from z = 0."""
     if settings.optimizer is ISTOptimizer.GAUSS_NEWTON:
         config = GaussNewtonConfig(max_iterations=settings.max_iterations, patience=settings.patience,
-                                   max_new_tokens=settings.max_new_tokens)
+                                   max_new_tokens=settings.max_new_tokens, train_precision=settings.train_precision)
         return gauss_newton_subspace_tune(backbone, tasks, proj_b, config, start_candidates=start_candidates,
                                           on_evaluate=on_evaluate)
     if settings.optimizer is ISTOptimizer.LBFGS:
         config_l = LBFGSConfig(max_iterations=settings.max_iterations, patience=settings.patience,
-                               max_new_tokens=settings.max_new_tokens)
+                               max_new_tokens=settings.max_new_tokens, train_precision=settings.train_precision)
         return lbfgs_subspace_tune(backbone, tasks, proj_b, config_l, on_evaluate=on_evaluate)
     return intrinsic_subspace_tune(backbone, tasks, proj_b, settings.adamw_config(), on_evaluate=on_evaluate)

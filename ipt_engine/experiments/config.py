@@ -33,12 +33,15 @@ class StageSettings:
     # ipt_engine.ist_optimizers; they use max_iterations and patience_iterations, not the AdamW fields)
     max_iterations: int = ISTSettings.max_iterations  # full-batch IST: forward-backward passes over a task's train set
     patience_iterations: int = ISTSettings.patience  # full-batch IST: iterations without a lower dev loss, then stop
+    train_precision: str = ISTSettings.train_precision  # full-batch IST: the train passes' autocast ("auto",
+    # "float32", "bfloat16"); a study should name one, so that chunks resumed on other hardware match
 
     def ist_settings(self, seed: int, max_new_tokens: int) -> ISTSettings:
         """The settings of `ipt_engine.ist_optimizers.tune` for a full-batch optimiser (AdamW runs use
         `train_config`, which keeps the study's step-based patience)."""
         return ISTSettings(optimizer=self.optimizer, max_iterations=self.max_iterations,
-                           patience=self.patience_iterations, seed=seed, max_new_tokens=max_new_tokens)
+                           patience=self.patience_iterations, seed=seed, max_new_tokens=max_new_tokens,
+                           train_precision=self.train_precision)
 
     def train_config(self, seed: int, max_new_tokens: int) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, max_steps=self.max_steps, batch_size=self.batch_size,

@@ -185,3 +185,38 @@ def test_losses_at_chosen_rows_equal_the_full_pass(tiny_causal: Backbone, proj_b
     rows = [0, 2, 3, 7]
     assert torch.allclose(objective.losses_at(z, rows), full[rows], atol=1e-4)
     assert not torch.allclose(objective.losses_at(-z, rows), full[rows], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [TaskKind.CLASSIFICATION, TaskKind.GENERATION])
+def test_bfloat16_train_passes_keep_the_gradient_direction(tiny_causal: Backbone, proj_b: ProjB,
+                                                           kind: TaskKind) -> None:
+    """Under autocast the train losses and per-row gradients are computed in bfloat16 (they differ from float32's)
+    yet point the same way, and come back float32; Proj_b(z) itself is not autocast."""
+    task = make_task("t", kind, n=8)
+    exact = TrainObjective(tiny_causal, task, proj_b)
+    fast = TrainObjective(tiny_causal, task, proj_b, autocast=torch.bfloat16)
+    z = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    losses, grads = exact.row_losses_and_grads(z)
+    losses16, grads16 = fast.row_losses_and_grads(z)
+    assert losses16.dtype == grads16.dtype == torch.float32
+    assert not torch.equal(losses16, losses)  # the autocast took effect
+    assert torch.allclose(losses16, losses, rtol=0.05, atol=0.05)
+    cosine = torch.nn.functional.cosine_similarity(grads16.mean(0), grads.mean(0), dim=0)
+    assert float(cosine) > 0.98
+    rows = [1, 4]
+    assert torch.allclose(fast.losses_at(z, rows), losses16[rows], atol=0.05)  # the start screen autocasts too
+
+
+def test_train_precision_names() -> None:
+    from ipt_engine.device import train_autocast_dtype
+    cpu = torch.device("cpu")
+    assert train_autocast_dtype("float32", cpu, torch.float32) is None
+    assert train_autocast_dtype("bfloat16", cpu, torch.float32) is torch.bfloat16
+    assert train_autocast_dtype("bfloat16", cpu, torch.bfloat16) is None  # a bf16 model is not autocast again
+    assert train_autocast_dtype("auto", cpu, torch.float32) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="train precision"):
+        train_autocast_dtype("fp8", cpu, torch.float32)
+    with pytest.raises(ValueError, match="train precision"):
+        GaussNewtonConfig(train_precision="half")
+    with pytest.raises(ValueError, match="train_precision"):
+        ISTSettings(train_precision="half")
