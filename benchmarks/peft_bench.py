@@ -30,8 +30,9 @@ import argparse
 import random
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--infer-tasks", type=int, default=None,
                         help="K: requests of K different tasks in the inference comparison (default 16; --quick 4)")
     parser.add_argument("--infer-repeats", type=int, default=None, help="timed passes (default 1 on CPU, 5 on CUDA)")
+    parser.add_argument("--train-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the training passes' autocast, both methods (default auto, the service's: bfloat16 "
+                             "where the hardware computes it natively); dev is scored in the model's dtype")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -169,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
     import redis as redis_lib
 
     from ipt_engine.backbone import Backbone
+    from ipt_engine.device import train_autocast_dtype
     from ipt_engine.evaluation import evaluate
-    from ipt_engine.ist_optimizers import ISTSettings, tune
-    from ipt_engine.subspace_artifact import load_artifact
+    from ipt_engine.ist_optimizers import ISTSettings, start_candidates, tune
+    from ipt_engine.subspace_artifact import load_artifact, load_task_vectors
     from ipt_engine.tasks import Example, TaskHead, TaskKind
     from ipt_engine.testing import RELATED, TARGET, category_task
     from ipt_engine.training import HistoryEntry
@@ -194,7 +199,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
         labels = list(task.labels or ())
         ist_settings = ISTSettings(optimizer=args.ist_optimizer, max_iterations=args.ist_iterations,
                                    patience=args.patience, learning_rate=args.ist_lr, max_steps=args.ist_steps,
-                                   batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+                                   batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed,
+                                   train_precision=args.train_precision)
+        autocast = train_autocast_dtype(args.train_precision, device, bb.dtype)
+        # the service's starts: z = 0, the mean and medoids of the subspace's known task vectors (when it ships any)
+        starts = start_candidates(config.d_intrinsic, load_task_vectors(setup.subspace), proj_b=subspace.proj_b)
 
         # ---- ours: IST in the subspace
         points: list[tuple[float, int, float]] = []
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             points.append((time.perf_counter() - start, step, float(entries[0]["dev"] or 0.0)))
             return []
 
-        (ist,) = tune(bb, [task], subspace.proj_b, ist_settings, on_evaluate=on_evaluate)
+        (ist,) = tune(bb, [task], subspace.proj_b, ist_settings, start_candidates=starts, on_evaluate=on_evaluate)
         ist_trace = Trace(points, time.perf_counter() - start)
         target = args.target_dev if args.target_dev is not None else ist_trace.best
 
@@ -213,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         peft_config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=n_tokens,
                                               prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB)
         torch.manual_seed(args.seed)
-        model = peft.get_peft_model(peer_bb.model, peft_config)
+        with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 deprecates (its FutureWarning)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = peft.get_peft_model(peer_bb.model, peft_config)
         tok = peer_bb.tokenizer
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=args.pt_lr, weight_decay=1e-5)
@@ -240,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                     order = list(range(len(pairs)))
                     rng.shuffle(order)
                 rows.append(pairs[order.pop()])
-            loss = model(**peft_batch(tok, rows, device)).loss
+            with torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext():
+                loss = model(**peft_batch(tok, rows, device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -318,9 +330,15 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"subspace: {setup.subspace_note}; {subspace_shape(Runtime(bb, subspace, '', 0.0))}",
                 f"task: {task.name} ({len(labels)} labels), {len(task.train)} train / {len(task.dev)} dev examples; "
                 f"{args.batch_size} rows per step, dev evaluated every {args.eval_every} steps by the same evaluator",
-                f"IST: {ist_description(ist_settings)}, z from 0; PEFT: "
+                f"IST: {ist_description(ist_settings)}, "
+                + (f"started at the best by train loss of {len(starts)} candidates (z = 0, the mean and medoids of "
+                   f"the subspace's task vectors)" if len(starts) > 1 else
+                   "z from 0 (the subspace ships no task vectors to start from)")
+                + ", as the service; PEFT: "
                 f"{n_tokens} virtual tokens, SAMPLE_VOCAB init, AdamW lr {args.pt_lr}, up to {args.pt_steps} steps, "
                 f"stopped at the target",
+                f"training passes: {'autocast to ' + str(autocast).removeprefix('torch.') if autocast else 'float32'} "
+                f"on both sides (--train-precision {args.train_precision}); dev scored in {setup.dtype}",
                 f"target dev accuracy: {target:.3f} ({'given' if args.target_dev is not None else 'IST best'})",
                 f"inference: K = {k_tasks} requests, one input each, {len(labels)} options; median of {repeats} "
                 f"timed pass(es) after a warm-up",
