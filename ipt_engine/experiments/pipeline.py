@@ -279,6 +279,12 @@ class ExperimentRun:
             summary["warmup_mean_dev_score"] = mean(start.values())
             summary["warmup_dev"] = start
             summary["dev"] = {t.name: r.dev_score for t, r in zip(tasks, result.train.tasks, strict=True)}
+        # and after them: the last dev evaluation (the kept weights are the best, which may be the warm-up's)
+        last = {t.name: r.history[-1]["dev"] for t, r in zip(tasks, result.train.tasks, strict=True)
+                if r.history and r.history[-1]["step"] > 0}
+        if len(last) == len(tasks):
+            summary["joint_mean_dev_score"] = mean(last.values())
+            summary["joint_dev"] = last
         if prompts is not None:
             summary["reconstruction_mse"] = reconstruction_error(result.subspace, prompts)
         save_artifact(out, result.subspace, self.backbone.backbone_id, self.backbone.input_embeddings,

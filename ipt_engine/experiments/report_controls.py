@@ -123,13 +123,16 @@ def msf_section(summary: dict[str, Any]) -> list[str]:
     lines = ["## MSF: what the joint LM steps add", "",
              "Mean dev score over the train tasks of their reconstructed prompts Proj_b(Proj(P_i)): after the "
              "reconstruction warm-up alone (no PLM in the loss) and after MSF's joint steps (LM loss + alpha x "
-             "reconstruction), the best dev evaluation kept.", "",
-             "| d_I | warm-up only | after joint steps | joint steps | reconstruction MSE |", "|---|---|---|---|---|"]
+             "reconstruction): at their last evaluation, and the best evaluation, whose weights MSF keeps (the "
+             "warm-up's when the joint steps only lowered dev).", "",
+             "| d_I | warm-up only | last joint evaluation | kept (best) | joint steps | reconstruction MSE |",
+             "|---|---|---|---|---|---|"]
     for d, entry in summary["per_d"].items():
         msf = entry["msf"]
-        warm = msf.get("warmup_mean_dev_score")
+        warm, joint = msf.get("warmup_mean_dev_score"), msf.get("joint_mean_dev_score")
         mse = msf.get("reconstruction_mse")
-        lines.append(f"| {d} | {'n/a' if warm is None else f'{100 * warm:.1f}'} | {100 * msf['mean_dev_score']:.1f} | "
+        lines.append(f"| {d} | {'n/a' if warm is None else f'{100 * warm:.1f}'} | "
+                     f"{'n/a' if joint is None else f'{100 * joint:.1f}'} | {100 * msf['mean_dev_score']:.1f} | "
                      f"{msf.get('steps', 'n/a')} | {'n/a' if mse is None else f'{mse:.4g}'} |")
     return [*lines, ""]
 

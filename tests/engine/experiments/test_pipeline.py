@@ -155,6 +155,9 @@ def test_cpu_sizing_options_and_export(tmp_path: Path, pool_dir: Path, tiny_mode
     msf = summary["per_d"]["2"]["msf"]
     assert set(msf["warmup_dev"]) == set(msf["dev"]) == set(summary["train_tasks"])
     assert msf["warmup_mean_dev_score"] == pytest.approx(sum(msf["warmup_dev"].values()) / len(msf["warmup_dev"]))
+    assert set(msf["joint_dev"]) == set(msf["dev"])  # and after the joint steps, whether or not they were kept
+    assert msf["joint_mean_dev_score"] == pytest.approx(sum(msf["joint_dev"].values()) / len(msf["joint_dev"]))
+    assert "last joint evaluation" in write_report(run_dir).read_text()
     seen = summary["seen_ist_tasks"]
     assert len(seen) == 1 and seen[0] in summary["train_tasks"]
     assert set(summary["per_d"]["2"]["seen_same_data"]) == set(seen) == set(summary["pt"]["unseen-data"])
