@@ -80,15 +80,25 @@ class TrainObjective:
             return nullcontext()
         return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast)
 
-    def _option_losses(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None) -> Tensor:
-        """The right option's cross-entropy [len(rows)] of the given rows, with prompts [len(rows), n, d] or their
-        keys and values (`prompt_kv`, len(rows) rows)."""
+    def _option_scores(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None
+                       ) -> list[Tensor]:
+        """Each row's option scores (mean log-likelihood per token, as predictions rank them): len(rows) tensors
+        [K_i], with prompts [len(rows), n, d] or their keys and values (`prompt_kv`, len(rows) rows)."""
         assert self.options is not None
         sources, options = [self.pairs[i].source for i in rows], [self.options[i] for i in rows]
         sums, counts = self.backbone.option_log_likelihoods(prompts, sources, options, prompt_kv=prompt_kv)
-        scores = (sums / counts.clamp(min=1)).split([len(o) for o in options])
+        return [s.float() for s in (sums / counts.clamp(min=1)).split([len(o) for o in options])]
+
+    def _option_losses(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None) -> Tensor:
+        """The right option's cross-entropy [len(rows)] of the given rows (see `_option_scores`)."""
+        scores = self._option_scores(prompts, rows, prompt_kv)
         gold = [self.gold[i] for i in rows]
-        return torch.stack([-s.float().log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
+        return torch.stack([-s.log_softmax(0)[g] for s, g in zip(scores, gold, strict=True)])
+
+    @property
+    def max_options(self) -> int:
+        """The most answer options of a train row (0 without the option loss)."""
+        return max((len(o) for o in self.options), default=0) if self.options is not None else 0
 
     def spread_rows(self, count: int) -> list[int]:
         """`count` row indices spread evenly over the train set (all rows when it has no more): a cheap sample
@@ -133,6 +143,59 @@ class TrainObjective:
             losses.append(row_loss.detach().float().cpu())
             grads.append(grad.detach().float().cpu())
         return torch.cat(losses), torch.cat(grads)
+
+    def row_losses_grads_and_ggn(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row losses [N], per-row gradients [N, d_I] and the exact Gauss-Newton matrix of the mean option
+        loss [d_I, d_I] at z, for tasks with answer options (`max_options` K): one forward and K - 1 backward
+        passes.
+
+        Row i's loss is the cross-entropy of softmax(s_i) with s_i its K_i option scores, so its Gauss-Newton
+        matrix is J_i^T (diag(p_i) - p_i p_i^T) J_i with J_i = d s_i / dz [K_i, d_I]. That Hessian of the
+        softmax sees only score differences, so J_i is needed only along an orthonormal basis V of the
+        vectors summing to zero (K_i - 1 of them, `contrasts`): backward pass j gives every row's v_j^T J_i at
+        once (each row has its own copy of z). The gradient J_i^T (p_i - e_gold) lies in the same span, so it
+        comes from the same passes. Unlike the empirical Fisher (G^T G / N, from the gradients alone), this
+        curvature does not vanish on rows that already fit nor overstate it on rows far from a fit."""
+        if self.options is None:
+            raise ValueError("the Gauss-Newton matrix is for tasks with answer options; use row_losses_and_grads")
+        d = z.numel()
+        losses, grads, ggn = [], [], torch.zeros(d, d, dtype=torch.float64)
+        for s in range(0, self.num_rows, self.chunk):
+            rows = list(range(s, min(s + self.chunk, self.num_rows)))
+            copies = z.detach().to(self.backbone.device).expand(len(rows), -1).clone().requires_grad_(True)
+            prompts = self.proj_b(copies)
+            with self._precision():
+                scores = self._option_scores(prompts, rows)
+            probs = [sc.detach().double().softmax(0).cpu() for sc in scores]
+            gold = [self.gold[i] for i in rows]
+            losses.append(torch.stack([-sc.detach().log_softmax(0)[g] for sc, g in zip(scores, gold, strict=True)])
+                          .float().cpu())
+            bases = [contrasts(len(sc)) for sc in scores]  # [K_i, K_i - 1] each
+            passes = max(b.shape[1] for b in bases)
+            projected = torch.zeros(len(rows), passes, d, dtype=torch.float64)  # row i, pass j: v_j^T J_i
+            for j in range(passes):
+                objective = sum((sc * b[:, j].to(sc)).sum() for sc, b in zip(scores, bases, strict=True)
+                                if j < b.shape[1])
+                (grad,) = torch.autograd.grad(objective, copies, retain_graph=j < passes - 1)
+                projected[:, j] = grad.detach().double().cpu()
+            for i, (p, b, g) in enumerate(zip(probs, bases, gold, strict=True)):
+                r = projected[i, :b.shape[1]]  # [K_i - 1, d]: V^T J_i
+                residual = p.clone()
+                residual[g] -= 1
+                grads.append((b.T @ residual) @ r)  # J_i^T (p - e_gold), as (p - e_gold) = V V^T (p - e_gold)
+                hessian = b.T @ (torch.diag(p) - torch.outer(p, p)) @ b  # [K_i - 1, K_i - 1]
+                ggn += r.T @ hessian @ r
+        return torch.cat(losses), torch.stack(grads).float(), ggn / self.num_rows
+
+
+def contrasts(k: int) -> Tensor:
+    """An orthonormal basis of the vectors in R^k whose entries sum to zero: [k, k - 1] (Helmert contrasts)."""
+    basis = torch.zeros(k, k - 1, dtype=torch.float64)
+    for j in range(1, k):
+        basis[:j, j - 1] = 1.0
+        basis[j, j - 1] = -float(j)
+        basis[:, j - 1] /= math.sqrt(j * (j + 1))
+    return basis
 
 
 class DevSelection:

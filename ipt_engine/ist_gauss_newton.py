@@ -17,6 +17,12 @@ to `max_scale`), and a refused one shrinks it back before lambda grows.
 The gradient at a taken step comes from the same pass that measured its loss, so an accepted iteration costs
 one forward-backward, and dev (`DevSelection`) is evaluated after each taken step.
 
+With answer options the exact Gauss-Newton matrix of the option loss is available instead of F
+(`curvature="ggn"`, `TrainObjective.row_losses_grads_and_ggn`: K - 1 backward passes for K options). Measured
+on the category task from z = 0 with the 12-task subspace (1 thread, bfloat16): it reached train loss 0.355 at
+iteration 11 against the empirical Fisher's 0.337, at 1.4x the time per iteration, so the slow tail is not the
+curvature estimate's doing; the empirical Fisher stays the default.
+
 Where to start matters as much as how to step: `start_candidates` (e.g. z = 0 and the subspace's known task
 vectors) are scored by their train loss on a few rows, with forward passes only, and the best one is the
 start. Tasks run one after another, each alone.
@@ -43,6 +49,9 @@ from ipt_engine.training import EvalHook, check_trainable
 log = logging.getLogger(__name__)
 
 
+CURVATURES = ("ggn", "fisher")
+
+
 @dataclass(frozen=True)
 class GaussNewtonConfig:
     """Settings of Levenberg-Marquardt IST."""
@@ -59,9 +68,15 @@ class GaussNewtonConfig:
     max_new_tokens: int = 32  # greedy decoding length when evaluating generation tasks
     train_precision: str = "auto"  # the train passes' autocast (ipt_engine.device.train_autocast_dtype); dev is
     # scored in the model's dtype
+    curvature: str = "fisher"  # "ggn": the option loss's exact Gauss-Newton matrix (K - 1 backward passes for K
+    # options); "fisher": the empirical Fisher G^T G / N (one backward pass). Generation tasks, and tasks with
+    # more than `max_ggn_options` options, use the empirical Fisher
+    max_ggn_options: int = 5
 
     def __post_init__(self) -> None:
         train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {self.curvature!r}")
         for name in ("max_iterations", "patience", "start_rows", "max_rows_per_forward", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,7 +157,17 @@ def prompt_metric(proj_b: ProjB, z: Tensor) -> Tensor:
 def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB, config: GaussNewtonConfig,
               start: Tensor) -> ISTResult:
     z = start.detach().float().cpu().clone()
-    losses, grads = objective.row_losses_and_grads(z)
+    exact = (config.curvature == "ggn" and objective.options is not None
+             and objective.max_options <= config.max_ggn_options)
+
+    def measure(at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row losses [N], per-row gradients [N, d_I] and the curvature [d_I, d_I] (float64) at z."""
+        if exact:
+            return objective.row_losses_grads_and_ggn(at)
+        row_losses, row_grads = objective.row_losses_and_grads(at)
+        return row_losses, row_grads, row_grads.double().T @ row_grads.double() / row_grads.shape[0]
+
+    losses, grads, curvature = measure(z)
     loss = float(losses.mean())
     if not math.isfinite(loss):
         selection.error = f"the train loss is {loss} at the start; check the examples and the backbone dtype"
@@ -154,7 +179,7 @@ def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB,
     while not stop and iteration < config.max_iterations:
         iteration += 1
         g = grads.double().mean(0)
-        fisher = grads.double().T @ grads.double() / grads.shape[0]
+        fisher = curvature
         metric = prompt_metric(proj_b, z)
         if lam is None:
             lam = config.damping * float(fisher.trace()) / float(metric.trace())
@@ -168,7 +193,7 @@ def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB,
         step = scale * delta
         linear = float(-(g @ step))  # the decrease to first order
         candidate = z + step.float()
-        new_losses, new_grads = objective.row_losses_and_grads(candidate)
+        new_losses, new_grads, new_curvature = measure(candidate)
         new_loss = float(new_losses.mean())
         if math.isfinite(new_loss) and new_loss < loss:
             decrease = loss - new_loss
@@ -182,7 +207,7 @@ def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB,
                 scale = min(2 * scale, config.max_scale)
             elif decrease < 0.25 * linear:
                 scale = max(scale / 2, 1.0)
-            z, loss, grads = candidate, new_loss, new_grads
+            z, loss, grads, curvature = candidate, new_loss, new_grads, new_curvature
             stop = selection.observe(iteration, z, loss)
             selection.history[-1].update(damping=lam, scale=scale)
         else:  # refused: z stays, the step shrinks (first its scale, then by more damping)

@@ -220,3 +220,42 @@ def test_train_precision_names() -> None:
         GaussNewtonConfig(train_precision="half")
     with pytest.raises(ValueError, match="train_precision"):
         ISTSettings(train_precision="half")
+
+
+def test_exact_gauss_newton_matrix_and_gradients_equal_brute_force(tiny_causal: Backbone, proj_b: ProjB) -> None:
+    """The K - 1 contrast passes give every row's gradient and the option loss's Gauss-Newton matrix
+    mean_i J_i^T (diag p_i - p_i p_i^T) J_i exactly, J_i = d scores_i / dz computed here one option at a time."""
+    from ipt_engine.ist_full_batch import contrasts
+    task = make_task("t", TaskKind.CLASSIFICATION, n=8)
+    objective = TrainObjective(tiny_causal, task, proj_b, max_rows_per_forward=4)  # two micro-batches
+    z = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    losses, grads, ggn = objective.row_losses_grads_and_ggn(z)
+    ef_losses, ef_grads = objective.row_losses_and_grads(z)
+    assert torch.allclose(losses, ef_losses, atol=1e-5) and torch.allclose(grads, ef_grads, atol=1e-5)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for i in range(objective.num_rows):
+        zi = z.clone().requires_grad_(True)
+        (scores,) = objective._option_scores(proj_b(zi[None]), [i])
+        jac = torch.stack([torch.autograd.grad(scores[k], zi, retain_graph=True)[0] for k in range(len(scores))])
+        p = scores.detach().double().softmax(0)
+        expected += jac.double().T @ (torch.diag(p) - torch.outer(p, p)) @ jac.double()
+    expected /= objective.num_rows
+    assert torch.allclose(ggn, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(ggn, ef_grads.double().T @ ef_grads.double() / objective.num_rows, rtol=0.05)
+    for k in (2, 3, 5):
+        basis = contrasts(k)
+        assert torch.allclose(basis.T @ basis, torch.eye(k - 1, dtype=torch.float64))
+        assert torch.allclose(basis.sum(0), torch.zeros(k - 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_generation_tasks_fall_back_to_the_empirical_fisher(tiny_causal: Backbone, proj_b: ProjB) -> None:
+    objective = TrainObjective(tiny_causal, make_task("t", TaskKind.GENERATION, n=8), proj_b)
+    with pytest.raises(ValueError, match="answer options"):
+        objective.row_losses_grads_and_ggn(torch.zeros(4))
+    tasks = [make_task("t", TaskKind.GENERATION, n=8), make_task("c", TaskKind.CLASSIFICATION, n=8)]
+    for result in gauss_newton_subspace_tune(tiny_causal, tasks, proj_b,
+                                             GaussNewtonConfig(max_iterations=2, curvature="ggn")):
+        assert result.error is None and result.steps >= 1
+        assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    with pytest.raises(ValueError, match="curvature"):
+        GaussNewtonConfig(curvature="hessian")
