@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                                 if args.quick else 32)
             (old,) = tune(bb, [task], proj_b, adamw, on_evaluate=stop_after(ist_s))
             pt = prompt_tune(bb, [task], TrainConfig(learning_rate=args.pt_lr, max_steps=10_000, batch_size=8,
-                                                     eval_every=5, patience=10_000, seed=args.seed),
+                                                     eval_every=5, patience=10_000, seed=args.seed,
+                                                     train_precision=default.train_precision),
                              n_prompt=shape.n_prompt, on_evaluate=stop_after(ist_s))
             with torch.no_grad():
                 scores["IST AdamW (same time)"][task.name] = test_score(proj_b(old.z[None].to(bb.device)))
@@ -139,8 +140,14 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"subspace: {setup.subspace_note}; {subspace_shape(Runtime(bb, artifact.subspace, '', 0.0))}; "
                 f"random control: seed {2024 + args.seed}",
                 f"IST (default): {default.optimizer.value}, up to {default.max_iterations} iterations, patience "
-                f"{default.patience}, z from 0, the lowest dev loss kept; AdamW IST and PT stop at the default IST's "
-                f"wall time on each task (their best dev checkpoint kept)",
+                f"{default.patience}, "
+                + ("z from 0" if starts is None or len(starts) == 1 else f"started at the best by train loss of "
+                   f"{len(starts)} "
+                   "candidates (z = 0, the mean and medoids of the subspace's task vectors)")
+                + "; the lowest dev loss kept; AdamW IST and PT stop at the default IST's wall time on each task "
+                "(their best dev checkpoint kept)",
+                f"training passes of all three: train_precision {default.train_precision} (the service's); dev and "
+                f"test scored in {setup.dtype}",
                 "accuracy on each task's test split [95% Wilson interval over its examples]; mean over tasks "
                 "[95% bootstrap interval over tasks] (k tasks)",
             ],

@@ -53,7 +53,7 @@ class ISTSettings:
     eval_every: int = 10  # AdamW only: steps between dev evaluations
     seed: int = 0  # AdamW only: row sampling
     max_new_tokens: int = 32
-    train_precision: str = "auto"  # full batch only: the train passes' autocast (bfloat16 where the hardware
+    train_precision: str = "auto"  # the train passes' autocast (bfloat16 where the hardware
     # computes it natively; ipt_engine.device.train_autocast_dtype); dev is scored in the model's dtype
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class ISTSettings:
         `overrides` say otherwise: any other TrainConfig field, e.g. progress=True)."""
         fields = {"learning_rate": self.learning_rate, "max_steps": self.max_steps, "batch_size": self.batch_size,
                   "eval_every": self.eval_every, "patience": self.patience, "dev_loss": True,
-                  "max_new_tokens": self.max_new_tokens, "seed": self.seed}
+                  "max_new_tokens": self.max_new_tokens, "seed": self.seed, "train_precision": self.train_precision}
         return TrainConfig(**{**fields, **overrides})
 
 

@@ -285,3 +285,21 @@ def test_evaluation_hook_can_stop_a_task(tiny_causal: Backbone) -> None:
     assert [s for s, _ in seen] == [0, 2, 4, 6] and set(seen[-1][1]) == {0}
     # each call carries the new history entry of every evaluated task
     assert seen[1][1][1] == b.history[1] and seen[-1][1][0] == a.history[-1] and a.history[-1]["step"] == 6
+
+
+def test_training_steps_autocast_when_asked(tiny_causal: Backbone) -> None:
+    """train_precision="bfloat16" runs the steps' forward-backward under autocast: the prompts still train
+    (float32 parameters, lower train loss) but along slightly different gradients than in float32."""
+    task = make_task("gen", TaskKind.GENERATION, n=8)
+    init = sample_vocab_prompts(tiny_causal.input_embeddings, 1, 4, seed=0)
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        config = TrainConfig(learning_rate=0.1, max_steps=25, batch_size=4, eval_every=25, patience=5,
+                             eval_at_start=False, max_new_tokens=4, train_precision=precision)
+        results[precision] = prompt_tune(tiny_causal, [task], config, initial_prompts=init.clone())
+    fast = results["bfloat16"]
+    assert fast.prompts.dtype == torch.float32
+    assert train_loss(tiny_causal, task, fast.prompts) < train_loss(tiny_causal, task, init) - 0.1
+    assert not torch.equal(fast.prompts, results["float32"].prompts)
+    with pytest.raises(ValueError, match="train precision"):
+        TrainConfig(train_precision="int8")
