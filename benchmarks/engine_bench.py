@@ -20,9 +20,11 @@ import torch
 from ipt_engine.backbone import Backbone
 from ipt_engine.data.everyday import everyday_tasks
 from ipt_engine.evaluation import predict, predict_with_prompts
+from ipt_engine.ist_full_batch import TrainObjective
 from ipt_engine.model_loading import load_smollm2
 from ipt_engine.subspace import IntrinsicSubspace, SubspaceConfig
 from ipt_engine.tasks import TaskKind, to_text_pair
+from ipt_engine.testing import RELATED, TARGET, category_task
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -107,6 +109,20 @@ def main() -> None:
     z = torch.zeros(1, args.d_intrinsic, device=bb.device, requires_grad=True)
     rows.append((f"IST training step, batch {args.train_batch}, d_I={args.d_intrinsic}",
                  f"{timed(lambda: step(proj_b(z).expand(args.train_batch, -1, -1)), args.repeats) * 1000:.0f} ms"))
+
+    # a full-batch IST iteration's forward-backward (every train row, per-row gradients), in float32 and under the
+    # bfloat16 autocast the service uses where the hardware computes it natively
+    task = category_task(TARGET[0], TARGET[1], seed=len(RELATED), train_per_label=16)
+    exact = TrainObjective(bb, task, proj_b)
+    fast = TrainObjective(bb, task, proj_b, autocast=torch.bfloat16)
+    z0 = torch.zeros(args.d_intrinsic)
+    full = timed(lambda: exact.row_losses_and_grads(z0), args.repeats)
+    half = timed(lambda: fast.row_losses_and_grads(z0), args.repeats)
+    (_, g_full), (_, g_half) = exact.row_losses_and_grads(z0), fast.row_losses_and_grads(z0)
+    cosine = float(torch.nn.functional.cosine_similarity(g_full.mean(0), g_half.mean(0), dim=0))
+    rows.append((f"IST forward-backward, {exact.num_rows} train rows (category task), float32", f"{full:.2f} s"))
+    rows.append(("IST forward-backward, same rows, bfloat16 autocast",
+                 f"{half:.2f} s ({full / half:.2f}x; mean gradient cosine {cosine:.4f})"))
     with torch.no_grad():
         zs = torch.randn(1, args.d_intrinsic, device=bb.device)
         seconds = timed(lambda: proj_b(zs), max(args.repeats, 20))
