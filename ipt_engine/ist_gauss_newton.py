@@ -217,5 +217,6 @@ def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB,
                 lam *= grow
                 grow *= 2
             stop = iteration - selection.best_step >= config.patience
-        log.debug("IST %s iteration %d: train loss %.4f, lambda %.3g", selection.task.name, iteration, loss, lam)
+        log.debug("IST %s iteration %d: train loss %.4f (the step tried: %.4f, predicted decrease %.3g, |dz| %.3g), "
+                  "lambda %.3g", selection.task.name, iteration, loss, new_loss, predicted, float(step.norm()), lam)
     return selection.result(iteration)
