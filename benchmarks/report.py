@@ -39,7 +39,11 @@ def cpu_model() -> str:
 
 
 def machine_description() -> str:
-    parts = [f"{cpu_model()}, {os.cpu_count()} cores"]
+    from ipt_engine.device import train_autocast_dtype
+    native_bf16 = train_autocast_dtype("auto", torch.device("cpu"), torch.float32) is not None
+    # what IST's default train precision ("auto") becomes on this CPU: a CPU without native bfloat16 trains in
+    # float32, about half as fast
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores, {'native' if native_bf16 else 'no native'} bfloat16"]
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         parts.append(f"{memory:.0f} GiB RAM")
