@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     import redis as redis_lib
 
     from ipt_engine.backbone import Backbone
-    from ipt_engine.device import train_autocast_dtype
+    from ipt_engine.device import autocast_to, train_autocast_dtype
     from ipt_engine.evaluation import evaluate
     from ipt_engine.ist_optimizers import ISTSettings, start_candidates, tune
     from ipt_engine.subspace_artifact import load_artifact, load_task_vectors
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                     order = list(range(len(pairs)))
                     rng.shuffle(order)
                 rows.append(pairs[order.pop()])
-            with torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext():
+            with autocast_to(device, autocast):
                 loss = model(**peft_batch(tok, rows, device)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

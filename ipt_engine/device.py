@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -36,14 +38,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 TRAIN_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_train_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of TRAIN_PRECISIONS (the configs' validation)."""
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"unknown train precision {precision!r}; use one of {list(TRAIN_PRECISIONS)}")
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """torch.autocast of `device`'s type to `dtype`, or a context that changes nothing when dtype is None."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def train_autocast_dtype(precision: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype IST's train passes (forward-backward over the train rows) autocast a float32 model to, or None
     for none. "auto" is bfloat16 where the hardware computes it natively (CUDA with bf16; a CPU with AVX512-BF16
     or AMX, where it halves a forward-backward's time and keeps the gradient's direction: cosine 0.9997 to
     float32's on the category task) and float32 elsewhere (emulated bf16 is slower than float32). A model
     loaded in a low precision already is never autocast."""
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"unknown train precision {precision!r}; use one of {list(TRAIN_PRECISIONS)}")
+    check_train_precision(precision)
     if model_dtype != torch.float32 or precision == "float32":
         return None
     if precision != "auto":

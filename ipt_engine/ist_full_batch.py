@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
+from ipt_engine.device import autocast_to
 from ipt_engine.evaluation import predict_with_prompts, score_predictions
 from ipt_engine.ist import ISTResult
 from ipt_engine.prompt_kv import PromptKV
@@ -76,9 +77,7 @@ class TrainObjective:
 
     def _precision(self) -> AbstractContextManager[object]:
         """The backbone's passes under autocast to `self.autocast`, or as they are."""
-        if self.autocast is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast)
+        return autocast_to(self.backbone.device, self.autocast)
 
     def _option_scores(self, prompts: Tensor | None, rows: Sequence[int], prompt_kv: PromptKV | None = None
                        ) -> list[Tensor]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.device import train_autocast_dtype
+from ipt_engine.device import check_train_precision, train_autocast_dtype
 from ipt_engine.ist import ISTResult
 from ipt_engine.ist_full_batch import DevSelection, TrainObjective, check_initial_z, run_per_task
 from ipt_engine.subspace import ProjB
@@ -74,7 +74,7 @@ class GaussNewtonConfig:
     max_ggn_options: int = 5
 
     def __post_init__(self) -> None:
-        train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
+        check_train_precision(self.train_precision)
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {list(CURVATURES)}, got {self.curvature!r}")
         for name in ("max_iterations", "patience", "start_rows", "max_rows_per_forward", "max_new_tokens"):

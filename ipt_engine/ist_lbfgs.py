@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.device import train_autocast_dtype
+from ipt_engine.device import check_train_precision, train_autocast_dtype
 from ipt_engine.ist import ISTResult
 from ipt_engine.ist_full_batch import DevSelection, TrainObjective, check_initial_z, run_per_task
 from ipt_engine.subspace import ProjB
@@ -40,7 +40,7 @@ class LBFGSConfig:
     train_precision: str = "auto"  # the train passes' autocast (ipt_engine.device.train_autocast_dtype)
 
     def __post_init__(self) -> None:
-        train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
+        check_train_precision(self.train_precision)
         for name in ("max_iterations", "patience", "history_size", "max_rows_per_forward"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.device import TRAIN_PRECISIONS
+from ipt_engine.device import check_train_precision
 from ipt_engine.ist import DEFAULT_IST_LEARNING_RATE, ISTResult, intrinsic_subspace_tune
 from ipt_engine.ist_gauss_newton import GaussNewtonConfig, gauss_newton_subspace_tune
 from ipt_engine.ist_lbfgs import LBFGSConfig, lbfgs_subspace_tune
@@ -58,8 +58,7 @@ class ISTSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "optimizer", ISTOptimizer(self.optimizer))
-        if self.train_precision not in TRAIN_PRECISIONS:
-            raise ValueError(f"train_precision must be one of {list(TRAIN_PRECISIONS)}, got {self.train_precision!r}")
+        check_train_precision(self.train_precision)
         for name in ("max_iterations", "patience", "max_steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

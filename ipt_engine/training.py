@@ -19,7 +19,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ipt_engine.backbone import Backbone
-from ipt_engine.device import train_autocast_dtype
+from ipt_engine.device import autocast_to, check_train_precision, train_autocast_dtype
 from ipt_engine.errors import InvalidTaskError, NonFiniteLossError
 from ipt_engine.evaluation import evaluate
 from ipt_engine.tasks import Task, TextPair
@@ -60,7 +59,7 @@ class TrainConfig:
     # it natively; ipt_engine.device.train_autocast_dtype); dev is always scored in the model's dtype
 
     def __post_init__(self) -> None:
-        train_autocast_dtype(self.train_precision, torch.device("cpu"), torch.float32)  # a known name
+        check_train_precision(self.train_precision)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
         for name in ("max_steps", "batch_size", "eval_every", "patience", "max_rows_per_forward"):
@@ -346,12 +345,6 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
     weight = 1.0 / config.batch_size if params.per_task else 1.0 / len(rows)
     optimizer.zero_grad(set_to_none=True)
     autocast = train_autocast_dtype(config.train_precision, backbone.device, backbone.dtype)
-
-    def precision() -> AbstractContextManager[object]:
-        if autocast is None:
-            return nullcontext()
-        return torch.autocast(device_type=backbone.device.type, dtype=autocast)
-
     total = 0.0
     failed: dict[int, str] = {}
     row_sums: dict[int, float] = {}
@@ -359,7 +352,7 @@ def _train_step(backbone: Backbone, params: PromptParameters, optimizer: torch.o
         chunk = rows[start:start + config.max_rows_per_forward]
         index = torch.tensor([t for t, _ in chunk], device=backbone.device)
         prompts = params.prompts(index)
-        with precision():
+        with autocast_to(backbone.device, autocast):
             ll, count = backbone.target_log_likelihood(prompts, [p.source for _, p in chunk],
                                                        [p.target for _, p in chunk])
         row_loss = -(ll.float() / count.clamp(min=1))

@@ -218,7 +218,7 @@ def test_train_precision_names() -> None:
         train_autocast_dtype("fp8", cpu, torch.float32)
     with pytest.raises(ValueError, match="train precision"):
         GaussNewtonConfig(train_precision="half")
-    with pytest.raises(ValueError, match="train_precision"):
+    with pytest.raises(ValueError, match="train precision"):
         ISTSettings(train_precision="half")
 
 
