@@ -28,6 +28,10 @@ from ipt_engine.subspace import ProjB
 from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, EvalHook, HistoryEntry, mean_dev_losses
 
+MAX_TOKENS_PER_PASS = 2048
+"""Tokens of one forward-backward micro-batch: about the category task's 48 rows of 38 tokens. The activations a
+backward keeps grow with it (a study task of 48 long rows in one pass took 20 GB)."""
+
 
 class TrainObjective:
     """One task's mean per-row train loss L(z) = mean_i loss_i(z) over all its train rows, with the prompt
@@ -44,8 +48,11 @@ class TrainObjective:
     the losses stay float32; dev (`DevSelection`) is always scored in the model's dtype, as the service serves."""
 
     def __init__(self, backbone: Backbone, task: Task, proj_b: ProjB, max_rows_per_forward: int = 64,
-                 option_loss: bool = True, autocast: torch.dtype | None = None) -> None:
+                 option_loss: bool = True, autocast: torch.dtype | None = None,
+                 max_tokens_per_pass: int = MAX_TOKENS_PER_PASS) -> None:
         self.backbone, self.proj_b, self.chunk, self.autocast = backbone, proj_b, max_rows_per_forward, autocast
+        self.max_tokens = max_tokens_per_pass
+        self._lengths: list[int] | None = None
         self.pairs = [task.text_pair(e) for e in task.train]
         self.options: list[list[str]] | None = None
         self.gold: list[int] = []
@@ -99,6 +106,27 @@ class TrainObjective:
         """The most answer options of a train row (0 without the option loss)."""
         return max((len(o) for o in self.options), default=0) if self.options is not None else 0
 
+    def micro_batches(self, rows: Sequence[int]) -> list[list[int]]:
+        """`rows` in consecutive micro-batches of at most `max_rows_per_forward` rows and, unless one row alone
+        is longer, `max_tokens_per_pass` tokens (prompt, input and longest answer): a forward-backward holds
+        every activation of its micro-batch, so long rows (generation tasks with long inputs) must not share
+        one pass by row count alone."""
+        if self._lengths is None:
+            tok, n = self.backbone.tokenizer, self.proj_b.config.n_prompt
+            answers = self.options or [[p.target] for p in self.pairs]
+            self._lengths = [n + len(tok(p.source).input_ids) + max(len(tok(a).input_ids) for a in answer)
+                             for p, answer in zip(self.pairs, answers, strict=True)]
+        batches: list[list[int]] = []
+        tokens = 0
+        for i in rows:
+            if batches and len(batches[-1]) < self.chunk and tokens + self._lengths[i] <= self.max_tokens:
+                batches[-1].append(i)
+                tokens += self._lengths[i]
+            else:
+                batches.append([i])
+                tokens = self._lengths[i]
+        return batches
+
     def spread_rows(self, count: int) -> list[int]:
         """`count` row indices spread evenly over the train set (all rows when it has no more): a cheap sample
         that still covers every part of a train set given in order (e.g. grouped by label)."""
@@ -112,7 +140,7 @@ class TrainObjective:
         """Losses [len(rows)] at z [d_I] of the given train rows (no gradient). With answer options on a causal
         LM, the prompt Proj_b(z) runs through the model once and every row reuses its keys and values."""
         z = z.detach().to(self.backbone.device)
-        chunks = [rows[s:s + self.chunk] for s in range(0, len(rows), self.chunk)]
+        chunks = self.micro_batches(rows)
         if self.options is not None and not self.backbone.is_encoder_decoder:
             prompt = self.proj_b(z[None])
             with self._precision():
@@ -126,18 +154,17 @@ class TrainObjective:
         """Per-row losses [N] at z [d_I] (no gradient), over the first `max_rows` rows when given."""
         n = self.num_rows if max_rows is None else min(max_rows, self.num_rows)
         z = z.detach().to(self.backbone.device)
-        return torch.cat([self._row_losses(z.expand(min(self.chunk, n - s), -1), s).float().cpu()
-                          for s in range(0, n, self.chunk)])
+        return torch.cat([self._row_losses(z.expand(len(c), -1), c).float().cpu()
+                          for c in self.micro_batches(range(n))])
 
     def row_losses_and_grads(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row losses [N] and per-row gradients d loss_i / dz [N, d_I] at z [d_I], from one forward and one
         backward pass: each row gets its own copy of z, so the gradient of the summed loss with respect to the
         copies holds every row's gradient."""
         losses, grads = [], []
-        for s in range(0, self.num_rows, self.chunk):
-            k = min(self.chunk, self.num_rows - s)
-            copies = z.detach().to(self.backbone.device).expand(k, -1).clone().requires_grad_(True)
-            row_loss = self._row_losses(copies, s)
+        for rows in self.micro_batches(range(self.num_rows)):
+            copies = z.detach().to(self.backbone.device).expand(len(rows), -1).clone().requires_grad_(True)
+            row_loss = self._row_losses(copies, rows)
             (grad,) = torch.autograd.grad(row_loss.sum(), copies)
             losses.append(row_loss.detach().float().cpu())
             grads.append(grad.detach().float().cpu())
@@ -159,8 +186,7 @@ class TrainObjective:
             raise ValueError("the Gauss-Newton matrix is for tasks with answer options; use row_losses_and_grads")
         d = z.numel()
         losses, grads, ggn = [], [], torch.zeros(d, d, dtype=torch.float64)
-        for s in range(0, self.num_rows, self.chunk):
-            rows = list(range(s, min(s + self.chunk, self.num_rows)))
+        for rows in self.micro_batches(range(self.num_rows)):
             copies = z.detach().to(self.backbone.device).expand(len(rows), -1).clone().requires_grad_(True)
             prompts = self.proj_b(copies)
             with self._precision():

@@ -259,3 +259,21 @@ def test_generation_tasks_fall_back_to_the_empirical_fisher(tiny_causal: Backbon
         assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     with pytest.raises(ValueError, match="curvature"):
         GaussNewtonConfig(curvature="hessian")
+
+
+def test_micro_batches_bound_the_tokens_of_a_backward(tiny_causal: Backbone, proj_b: ProjB) -> None:
+    """Rows go into one forward-backward only while their tokens fit the budget (a row longer than it goes
+    alone), and the per-row losses and gradients do not depend on how the rows were split."""
+    task = make_task("t", TaskKind.GENERATION, n=10)
+    whole = TrainObjective(tiny_causal, task, proj_b)
+    split = TrainObjective(tiny_causal, task, proj_b, max_tokens_per_pass=12)
+    rows = range(whole.num_rows)
+    assert whole.micro_batches(rows) == [list(rows)]
+    batches = split.micro_batches(rows)
+    assert [i for b in batches for i in b] == list(rows) and len(batches) > 1
+    lengths = split._lengths
+    assert lengths is not None
+    assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 12 for b in batches)
+    z = torch.randn(4, generator=torch.Generator().manual_seed(7))
+    (la, ga), (lb, gb) = whole.row_losses_and_grads(z), split.row_losses_and_grads(z)
+    assert torch.allclose(la, lb, atol=1e-5) and torch.allclose(ga, gb, atol=1e-5)
