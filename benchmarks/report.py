@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ipt_engine.device import train_autocast_dtype
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -39,7 +41,6 @@ def cpu_model() -> str:
 
 
 def machine_description() -> str:
-    from ipt_engine.device import train_autocast_dtype
     native_bf16 = train_autocast_dtype("auto", torch.device("cpu"), torch.float32) is not None
     # what IST's default train precision ("auto") becomes on this CPU: a CPU without native bfloat16 trains in
     # float32, about half as fast

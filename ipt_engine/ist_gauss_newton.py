@@ -179,12 +179,11 @@ def _tune_one(objective: TrainObjective, selection: DevSelection, proj_b: ProjB,
     while not stop and iteration < config.max_iterations:
         iteration += 1
         g = grads.double().mean(0)
-        fisher = curvature
         metric = prompt_metric(proj_b, z)
         if lam is None:
-            lam = config.damping * float(fisher.trace()) / float(metric.trace())
-        delta = torch.linalg.solve(fisher + lam * metric, -g)
-        predicted = float(-(g @ delta) - 0.5 * (delta @ fisher @ delta))  # by the step at scale 1
+            lam = config.damping * float(curvature.trace()) / float(metric.trace())
+        delta = torch.linalg.solve(curvature + lam * metric, -g)
+        predicted = float(-(g @ delta) - 0.5 * (delta @ curvature @ delta))  # by the step at scale 1
         if not predicted > config.tolerance:
             log.info("IST %s: converged at iteration %d (predicted decrease %.2e)", selection.task.name, iteration,
                      predicted)

@@ -213,7 +213,6 @@ def test_train_precision_names() -> None:
     assert train_autocast_dtype("float32", cpu, torch.float32) is None
     assert train_autocast_dtype("bfloat16", cpu, torch.float32) is torch.bfloat16
     assert train_autocast_dtype("bfloat16", cpu, torch.bfloat16) is None  # a bf16 model is not autocast again
-    assert train_autocast_dtype("auto", cpu, torch.float32) in (None, torch.bfloat16)
     with pytest.raises(ValueError, match="train precision"):
         train_autocast_dtype("fp8", cpu, torch.float32)
     with pytest.raises(ValueError, match="train precision"):
