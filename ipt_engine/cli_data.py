@@ -12,6 +12,7 @@ from rich.table import Table
 from ipt_engine.data.bigbench import ConversionRules, download_sdist
 from ipt_engine.data.pool import TaskPool, prepare_pool
 from ipt_engine.data.splits import make_splits, save_splits
+from ipt_engine.errors import DataUnavailableError
 from ipt_engine.model_loading import default_cache_dir
 
 data_app = typer.Typer(help="The few-shot task pool (BIG-bench JSON tasks).", no_args_is_help=True)
@@ -29,8 +30,12 @@ def fetch(cache_dir: Annotated[Path | None, typer.Option(help="where the sdist i
 
 
 def _fetch_sdist(cache_dir: Path | None) -> Path:
-    with console.status("fetching the BIG-bench sdist with pip (358 MB, once)"):
-        return download_sdist(cache_dir or default_cache_dir() / "bigbench")
+    try:
+        with console.status("fetching the BIG-bench sdist with pip (358 MB, once)"):
+            return download_sdist(cache_dir or default_cache_dir() / "bigbench")
+    except DataUnavailableError as err:  # a clear line and exit 1, not a traceback
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from err
 
 
 @data_app.command()

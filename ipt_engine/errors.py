@@ -27,5 +27,9 @@ class BackboneLoadError(IPTError, RuntimeError):
     """The backbone model or its tokenizer could not be located or loaded."""
 
 
+class DataUnavailableError(IPTError, RuntimeError):
+    """The task data (the BIG-bench sdist) could not be fetched; the message says what pip answered."""
+
+
 class InputTruncatedWarning(UserWarning):
     """An input was longer than the model's context and was cut from the left."""

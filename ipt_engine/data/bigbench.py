@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from ipt_engine.errors import DataUnavailableError
 from ipt_engine.metrics import MetricName
 from ipt_engine.tasks import Example, TaskKind
 
@@ -92,7 +93,12 @@ def download_sdist(cache_dir: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = sorted(cache_dir.glob(f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"))
     if not found:  # pip may fail after saving (metadata step); the file is all we need
-        raise RuntimeError(f"could not download {SDIST_NAME}=={SDIST_VERSION} with pip:\n{result.stderr[-2000:]}")
+        reasons = [line for line in result.stderr.splitlines() if line.startswith("ERROR")] or [result.stderr[-500:]]
+        raise DataUnavailableError(
+            f"could not download {SDIST_NAME}=={SDIST_VERSION} with pip (exit {result.returncode}): "
+            + " / ".join(reasons)
+            + f". The package index this machine reaches does not serve it; copy a {SDIST_NAME}-{SDIST_VERSION}.tar.gz "
+            f"into {cache_dir} or pass it with --sdist")
     return found[0]
 
 

@@ -108,6 +108,17 @@ def test_data_fetch_keeps_an_sdist_already_in_the_cache(tmp_path: Path) -> None:
     assert str(sdist) in out.replace("\n", "") and sdist.stat().st_mtime_ns == before  # found, not fetched again
 
 
+def test_data_fetch_that_pip_cannot_serve_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip offline, with nothing to find: it answers at once as an index without the sdist would
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.setenv("PIP_CONSTRAINT", "")
+    result = runner.invoke(app, ["data", "fetch", "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # no traceback
+    flat = " ".join(result.output.split())
+    assert "bigbench==1.0.0" in flat and "No matching distribution" in flat and "--sdist" in flat
+
+
 def test_experiment_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["experiment", "report", str(tmp_path)])
     assert result.exit_code != 0 and "summary.json is missing" in str(result.exception)
