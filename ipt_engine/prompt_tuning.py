@@ -41,6 +41,16 @@ def sample_vocab_prompts(embeddings: Tensor, num_tasks: int, n_prompt: int, seed
     return embeddings.detach().float().cpu()[ids].to(embeddings.device)
 
 
+def shared_start_prompts(embeddings: Tensor, num_tasks: int, n_prompt: int, seed: int = 0) -> Tensor:
+    """One draw of sampled token embeddings, the same start for every task: [num_tasks, n_prompt, d] (fp32).
+
+    With every task starting from its own draw (`sample_vocab_prompts` with task names), what PT moves is
+    measured from a different point per task and each prompt keeps its own random tokens, so the prompts share
+    little that an auto-encoder (MSF) could find; from one shared start, the tasks' prompts differ only by what
+    training moved (`benchmarks/pt_geometry.py` measures both)."""
+    return sample_vocab_prompts(embeddings, 1, n_prompt, seed).expand(num_tasks, -1, -1).clone()
+
+
 def task_generators(seed: int, task_names: Sequence[str]) -> list[torch.Generator]:
     """One torch generator per task, seeded from (seed, task name)."""
     return [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode())) for name in task_names]

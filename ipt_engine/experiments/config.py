@@ -13,6 +13,7 @@ import yaml
 from ipt_engine.ist_optimizers import ISTSettings
 from ipt_engine.training import TrainConfig
 
+PT_STARTS = ("per_task", "shared")
 CONFIG_DIR = Path(str(resources.files("ipt_engine") / "configs"))
 """The shipped configs, package data of ipt_engine (found the same in a checkout and in an installed package)."""
 
@@ -82,6 +83,9 @@ class ExperimentConfig:
     ist_seen_tasks: int | None = None  # cap on the train tasks re-learnt by IST in the two "seen" challenges
     stability_tasks: int | None = None  # cap on the unseen tasks of the stability study (taken in turn by kind)
     tasks_per_run: int = 8  # tasks trained together in one batched run (also the resume granularity)
+    # where PT starts: "per_task", each task from its own draw of vocabulary tokens (seeded by task name), or
+    # "shared", every task from one draw, so that the PT prompts MSF auto-encodes differ only by what PT moved
+    pt_start: str = "per_task"
     pt: StageSettings = field(default_factory=lambda: StageSettings(0.3, 1000))
     msf: StageSettings = field(default_factory=lambda: StageSettings(1e-3, 1000, tasks_per_step=8))
     ist: StageSettings = field(default_factory=lambda: StageSettings(ISTSettings.learning_rate, 300,
@@ -96,6 +100,8 @@ class ExperimentConfig:
             raise ValueError("d_intrinsic needs at least one value")
         if self.msf_weights_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"msf_weights_dtype must be float32, float16 or bfloat16, got {self.msf_weights_dtype!r}")
+        if self.pt_start not in PT_STARTS:
+            raise ValueError(f"pt_start must be one of {PT_STARTS}, got {self.pt_start!r}")
         if self.data_seed == self.unseen_data_seed:
             raise ValueError("unseen_data_seed must differ from data_seed")
 

@@ -43,7 +43,7 @@ from ipt_engine.ist_optimizers import start_candidates, tune
 from ipt_engine.metrics import compute_metric
 from ipt_engine.msf import find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
-from ipt_engine.prompt_tuning import prompt_tune
+from ipt_engine.prompt_tuning import prompt_tune, shared_start_prompts
 from ipt_engine.subspace import ProjB, SubspaceConfig
 from ipt_engine.subspace_artifact import VECTORS_FILE, WEIGHTS_FILE, load_artifact, save_artifact
 from ipt_engine.tasks import Task, TaskKind
@@ -226,6 +226,8 @@ class ExperimentRun:
 
         def run(chunk: list[Task]) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
             init = stack_for([t.name for t in chunk], initial, "initial prompts") if initial else None
+            if init is None and cfg.pt_start == "shared":  # every task (and chunk) from the same draw of the seed
+                init = shared_start_prompts(self.backbone.input_embeddings, len(chunk), cfg.n_prompt, train_seed)
             result = prompt_tune(self.backbone, chunk, cfg.pt.train_config(train_seed, cfg.max_new_tokens),
                                  n_prompt=cfg.n_prompt, initial_prompts=init)
             test = self.test_scores(chunk, result.prompts)

@@ -251,6 +251,11 @@ def test_configs_in_the_repo_load() -> None:
     assert study.ist.optimizer == "gauss_newton" and {10, 50, 250} <= set(study.d_intrinsic)
     assert len(study.stability_seeds) >= 5 and study.stability_tasks >= 12 and study.ist_seen_tasks >= 24
     assert study.pt.dev_loss  # PT's reference prompts: dev ties broken by dev loss, not stopped at their start
+    # its rerun with PT's other recipe changes that recipe and nothing else, so that the two runs compare
+    shared = load_config("bigbench-100-shared").to_dict()
+    changed = {k for k in shared if shared[k] != study.to_dict()[k]}
+    assert changed == {"name", "pt_start", "pt"} and shared["pt_start"] == "shared"
+    assert {k for k in shared["pt"] if shared["pt"][k] != study.to_dict()["pt"][k]} == {"learning_rate"}
     with pytest.raises(FileNotFoundError, match="smoke"):
         load_config("nope")
 
@@ -283,3 +288,33 @@ def test_the_two_draws_and_the_test_set_share_no_text(tmp_path: Path, pool_dir: 
         assert main_texts and other_texts and not main_texts & other_texts, main.name
         assert not (main_texts | other_texts) & texts_of(main.test), main.name
         assert [e.input for e in main.test] == [e.input for e in other.test]
+
+
+@pytest.mark.parametrize("pt_start", ["per_task", "shared"])
+def test_pt_start_decides_whether_tasks_share_their_starting_prompt(tmp_path: Path, pool_dir: Path,
+                                                                    tiny_model_dirs: dict, pt_start: str) -> None:
+    """With pt_start "shared" every task's PT starts from one draw, so after a tiny step the prompts still nearly
+    agree; with "per_task" each task starts from its own draw and they differ by a token's size."""
+    from ipt_engine.prompt_tuning import sample_vocab_prompts, shared_start_prompts
+
+    base = _config(str(tiny_model_dirs["llama"]))
+    tiny_step = {**base.pt.__dict__, "learning_rate": 1e-4, "max_steps": 1}
+    cfg = ExperimentConfig(**{**base.to_dict(), "pt_start": pt_start, "pt": tiny_step})
+    run = ExperimentRun(cfg, tmp_path / "run", pool_dir)
+    names = run.train_names[:2]
+    _, prompts = run.prompt_tuning("main", names, cfg.data_seed, train_seed=0)
+    a, b = (prompts[n].float() for n in names)
+    emb = run.backbone.input_embeddings.detach().float().cpu()
+    token = float(emb.norm(dim=-1).mean())
+    if pt_start == "shared":
+        start = shared_start_prompts(emb, 2, cfg.n_prompt, seed=0)
+        assert torch.equal(start[0], start[1]) and torch.equal(start[:1], sample_vocab_prompts(emb, 1, cfg.n_prompt, 0))
+        assert float((a - b).norm(dim=-1).max()) < 0.05 * token
+        assert float((a - start[0]).norm(dim=-1).max()) < 0.05 * token  # it is the start PT moved from
+    else:
+        assert float((a - b).norm(dim=-1).mean()) > 0.5 * token
+
+
+def test_pt_start_must_be_known() -> None:
+    with pytest.raises(ValueError, match="pt_start"):
+        ExperimentConfig(name="x", pt_start="random")
