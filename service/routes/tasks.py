@@ -77,6 +77,9 @@ def learning_note(r: TaskRecord) -> str | None:
     """What a user must know when the learned vector does not beat the bare model on dev (None otherwise)."""
     if r.dev_score is None or r.bare_dev_score is None or r.dev_score > r.bare_dev_score:
         return None
+    if r.dev_score >= 1.0:  # both perfect: dev cannot tell whether anything was learned, and nothing is wrong
+        return (f"the bare model already scores {r.bare_dev_score:.3f} on dev, as does the learned vector: dev cannot "
+                "show what learning added. To measure it, add dev examples the bare model gets wrong")
     relation = "below" if r.dev_score < r.bare_dev_score else "no better than"
     return (f"the learned vector scores {r.dev_score:.3f} on dev, {relation} the bare model's {r.bare_dev_score:.3f}: "
             "the task was not learned. Add examples (16 or more per label), check that the labels are consistent, "

@@ -67,6 +67,12 @@ def test_a_task_that_learned_nothing_says_so(alice: httpx.Client, env_settings: 
     history of dev evaluations while the task runs."""
     store = TaskStore(connect(env_settings))
     below, better = create(alice, name="below")["id"], create(alice, name="better")["id"]
+    perfect = create(alice, name="perfect")["id"]
+    assert store.mark_running(perfect, 12)
+    store.set_bare_dev_score(perfect, 1.0)
+    assert store.mark_succeeded(perfect, np.zeros(4), 1.0, 1)
+    note = alice.get(f"/tasks/{perfect}").json()["note"]  # both perfect: not "not learned", but "cannot tell"
+    assert "already scores 1.000" in note and "not learned" not in note
     for tid, dev in ((below, 0.25), (better, 0.75)):
         assert store.mark_running(tid, 12)
         store.set_bare_dev_score(tid, 0.5)
@@ -79,6 +85,7 @@ def test_a_task_that_learned_nothing_says_so(alice: httpx.Client, env_settings: 
         assert store.mark_succeeded(tid, np.zeros(4), dev, 1)
     low, high = alice.get(f"/tasks/{below}").json(), alice.get(f"/tasks/{better}").json()
     assert low["bare_dev_score"] == 0.5 and "0.250 on dev, below the bare model's 0.500" in low["note"]
+    assert "not learned" in low["note"]
     assert high["bare_dev_score"] == 0.5 and high["note"] is None
 
 
