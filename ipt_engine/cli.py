@@ -22,7 +22,7 @@ from ipt_engine.ist import ZInit, intrinsic_subspace_tune
 from ipt_engine.ist_optimizers import ISTOptimizer, ISTSettings, start_candidates, tune
 from ipt_engine.msf import DEFAULT_ALPHA, find_subspace, reconstruction_error
 from ipt_engine.named_tensors import load_named, save_named, stack_for
-from ipt_engine.prompt_tuning import prompt_tune
+from ipt_engine.prompt_tuning import prompt_tune, shared_start_prompts
 from ipt_engine.subspace import SubspaceConfig
 from ipt_engine.subspace_artifact import VECTORS_FILE, load_artifact, load_task_vectors, save_artifact
 from ipt_engine.tasks import Task, load_tasks
@@ -83,14 +83,18 @@ def pt(tasks: TasksArg, out: Annotated[Path, typer.Option(help="output directory
        lr: Annotated[float, typer.Option(help="AdamW learning rate")] = _TRAIN.learning_rate,
        max_steps: Steps = _TRAIN.max_steps, batch_size: Batch = _TRAIN.batch_size,
        eval_every: EvalEvery = _TRAIN.eval_every, patience: Patience = _TRAIN.patience,
-       backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = _TRAIN.seed
+       backbone: Backbone_ = "smollm2", device: Device = None, dtype: Dtype = "float32", seed: Seed = _TRAIN.seed,
+       shared_start: Annotated[bool, typer.Option(
+           help="start every task from one draw of vocabulary tokens (for prompts that `ipt msf` is to find a "
+                "subspace in: they then differ only by what PT moved)")] = False,
        ) -> None:
     """Vanilla prompt tuning of every task in the file (batched together); writes prompts.safetensors."""
     task_list = _load(tasks)
     bb = _backbone(backbone, device, dtype)
     config = TrainConfig(learning_rate=lr, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every,
                          patience=patience, seed=seed, progress=True)
-    result = prompt_tune(bb, task_list, config, n_prompt=n_prompt)
+    initial = shared_start_prompts(bb.input_embeddings, len(task_list), n_prompt, seed) if shared_start else None
+    result = prompt_tune(bb, task_list, config, n_prompt=n_prompt, initial_prompts=initial)
     save_named(out / PROMPTS_FILE, {t.name: result.prompts[i] for i, t in enumerate(task_list)})
     _write_json(out / "results.json", {"command": _command(), "backbone": bb.backbone_id,
                                        "tasks": [r.__dict__ for r in result.train.tasks],

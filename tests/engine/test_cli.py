@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ipt_engine.cli import app, main
@@ -64,6 +65,21 @@ def test_pt_msf_ist_eval_pipeline(tmp_path: Path, task_file: Path, tiny_model_di
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["mode"] == "IST vectors" and set(scores["scores"]) == {"a", "b", "c"}
     _ok(["eval", str(task_file), "--split", "dev", *bb, "--device", "cpu"])
+
+
+def test_pt_shared_start_starts_every_task_from_one_draw(tmp_path: Path, task_file: Path,
+                                                        tiny_model_dirs: dict) -> None:
+    from ipt_engine.named_tensors import load_named
+
+    bb = ["--backbone", str(tiny_model_dirs["llama"])]
+    tiny = ["--max-steps", "1", "--eval-every", "1", "--batch-size", "2", "--lr", "1e-6", "--device", "cpu"]
+    prompts = {}
+    for flag in ("--shared-start", "--no-shared-start"):
+        _ok(["pt", str(task_file), "--out", str(tmp_path / flag), "--n-prompt", "3", *tiny, *bb, flag])
+        prompts[flag] = load_named(tmp_path / flag / "prompts.safetensors")
+    shared, own = prompts["--shared-start"], prompts["--no-shared-start"]
+    assert torch.allclose(shared["a"], shared["b"], atol=1e-4) and torch.allclose(shared["a"], shared["c"], atol=1e-4)
+    assert not torch.allclose(own["a"], own["b"], atol=1e-2)  # by default each task draws its own start
 
 
 def test_msf_without_proj_needs_no_prompts(tmp_path: Path, task_file: Path, tiny_model_dirs: dict) -> None:
