@@ -54,30 +54,49 @@ class Geometry:
     move_cosine: float  # mean cosine between two different tasks' moves (flattened)
     top_share: dict[int, float]  # share of the centred moves' variance in the first k principal components
     start_kept: float  # mean over tasks of <P, S> / |S|^2: 1 when the start is still wholly in the prompt
+    in_others_span: float  # mean over tasks of the share of |move|^2 inside the span of the other tasks' moves
+    chance_span: float  # the same for moves in random directions: (T - 1) / (n * d)
+    kept_start: int = 0  # tasks whose PT kept its start (no move; left out of the move statistics)
 
     @classmethod
     def of(cls, prompts: Tensor, starts: Tensor) -> Geometry:
+        """Statistics of the moves are over the tasks that moved (a task whose PT kept its start has no move)."""
         p, s = prompts.float(), starts.float()
-        move = (p - s).flatten(1)
+        all_moves = (p - s).flatten(1)
+        moved = all_moves.norm(dim=1) > 0
+        move = all_moves[moved]
         t = move.shape[0]
         unit = torch.nn.functional.normalize(move, dim=1)
         cos = unit @ unit.T
-        off_diag = float((cos.sum() - cos.diagonal().sum()) / max(1, t * (t - 1)))
-        sv = torch.linalg.svdvals(move - move.mean(0))
+        off_diag = float((cos.sum() - cos.diagonal().sum()) / (t * (t - 1))) if t > 1 else float("nan")
+        sv = torch.linalg.svdvals(move - move.mean(0)) if t > 1 else torch.zeros(1)
         share = (sv**2).cumsum(0) / (sv**2).sum()
         flat_s = s.flatten(1)
         kept = ((p.flatten(1) * flat_s).sum(1) / (flat_s * flat_s).sum(1)).mean()
-        return cls(t, _token_norm(s), _token_norm(p), _token_norm(p - s), off_diag,
-                   {k: float(share[min(k, len(share)) - 1]) for k in (1, 5, 10) if k <= t}, float(kept))
+        loo = [span_share(move[i:i + 1], torch.cat([move[:i], move[i + 1:]])) for i in range(t)] if t > 1 else []
+        return cls(p.shape[0], _token_norm(s), _token_norm(p), _token_norm(p - s), off_diag,
+                   {k: float(share[min(k, len(share)) - 1]) for k in (1, 5, 10) if k <= t}, float(kept),
+                   sum(loo) / len(loo) if loo else float("nan"), (t - 1) / move.shape[1], p.shape[0] - t)
 
     def cells(self) -> list[str]:
         top = ", ".join(f"{k}: {v:.2f}" for k, v in self.top_share.items())
-        return [str(self.tasks), f"{self.start_norm:.2f}", f"{self.final_norm:.2f}", f"{self.move_norm:.2f}",
-                f"{self.move_cosine:+.3f}", top, f"{self.start_kept:.2f}"]
+        tasks = f"{self.tasks}" + (f" ({self.kept_start} kept the start)" if self.kept_start else "")
+        return [tasks, f"{self.start_norm:.2f}", f"{self.final_norm:.2f}", f"{self.move_norm:.2f}",
+                f"{self.move_cosine:+.3f}", top, f"{self.start_kept:.2f}",
+                f"{100 * self.in_others_span:.1f}% ({100 * self.chance_span:.2f}%)"]
 
 
 GEOMETRY_HEADER = ["mean test accuracy", "tasks", "start norm/token", "PT prompt norm/token", "move norm/token",
-                   "cos(moves), 2 tasks", "variance in top PCs", "start kept"]
+                   "cos(moves), 2 tasks", "variance in top PCs", "start kept", "move in the others' span (chance)"]
+
+
+def span_share(moves: Tensor, basis: Tensor) -> float:
+    """Mean over the rows of `moves` [k, D] of the share of |row|^2 inside the span of the rows of `basis` [m, D]:
+    how much of a task's move a linear subspace of the other tasks' moves could express."""
+    u, sv, _ = torch.linalg.svd(basis.double().T, full_matrices=False)  # [D, m]
+    q = u[:, sv > sv.max() * 1e-9] if sv.numel() and sv.max() > 0 else u[:, :0]  # the span's own rank, no more
+    a = moves.double()
+    return float(((a @ q).pow(2).sum(1) / a.pow(2).sum(1)).mean())
 
 
 def _token_norm(x: Tensor) -> float:
@@ -115,6 +134,13 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
     wrong = Geometry.of(final, sample_vocab_prompts(embeddings, len(train), final.shape[1], seed + 1,
                                                     task_names=train))
     report.add(f"{run_dir.name}: PT prompts of the train tasks", "", *geometry.cells())
+    held = sorted(n for n in tasks.get("test", {}) if n in prompts)
+    held_out = None
+    if held:
+        held_final = torch.stack([prompts[n].float() for n in held])
+        held_moves = (held_final - sample_vocab_prompts(embeddings, len(held), final.shape[1], seed,
+                                                        task_names=held)).flatten(1)
+        held_out = span_share(held_moves, (final - starts).flatten(1))
     report.add("the same, against starts drawn with another seed (a check)", "", *wrong.cells())
     saturation: dict[str, dict[str, float]] = {}
     for msf in sorted((run_dir / "msf").glob("dI*"), key=lambda p: int(p.name[2:])):
@@ -127,7 +153,15 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
         saturation[msf.name] = {"z_norm": float(vectors.norm(dim=1).mean()),
                                 "saturated": float((pre.abs() > SATURATED).float().mean())}
     return {"geometry": geometry.__dict__, "check_other_seed": wrong.__dict__, "msf": saturation,
+            "held_out_tasks": len(held), "held_out_in_train_span": held_out,
             "vocabulary_norm": _token_norm(embeddings[:5000])}
+
+
+def geometry_chance(run: dict[str, object]) -> float:
+    """The span share of a random direction in the span of the run's train moves: their count / n * d."""
+    g = run["geometry"]
+    moved = float(g["tasks"]) - float(g["kept_start"])  # type: ignore[index]
+    return moved * float(g["chance_span"]) / max(1.0, moved - 1)  # type: ignore[index]
 
 
 def _config(run_dir: Path) -> dict[str, object]:
@@ -194,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
                      "per-token norms are means over tasks and prompt tokens; 'cos(moves)' is the mean cosine between "
                      "two different tasks' (PT prompt - start), flattened; 'variance in top PCs' the share of the "
                      "centred moves' variance in the first 1/5/10 principal components (1/T each if they shared "
-                     "nothing); 'start kept' the mean of <P, S>/|S|^2 (1: the start is still wholly in the prompt)",
+                     "nothing); 'start kept' the mean of <P, S>/|S|^2 (1: the start is still wholly in the prompt); "
+                     "'move in the others' span' the mean share of a task's |move|^2 inside the span of the other "
+                     "tasks' moves (leave one out; chance: moves in random directions); a task whose PT kept its start "
+                     "has no move and is left out of the move statistics",
                      f"PT budget of part 2 (the study's): {pt_settings['max_steps']} steps of "
                      f"{pt_settings['batch_size']} rows per task, dev every {pt_settings['eval_every']} steps, "
                      f"patience {pt_settings['patience']}, ties of dev accuracy broken by dev loss; AdamW"],
@@ -208,6 +245,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 "MSF task vectors of the run: " + "; ".join(
                     f"{k}: mean |z| {v['z_norm']:.1f}, {100 * v['saturated']:.0f}% of tanh units saturated "
                     f"(|pre-activation| > {SATURATED:g})" for k, v in msf.items()))
+            run = values["run"]
+            if run["held_out_in_train_span"] is not None:  # type: ignore[index]
+                report.notes.append(
+                    f"the {run['held_out_tasks']} held-out tasks' PT moves: "  # type: ignore[index]
+                    f"{100 * run['held_out_in_train_span']:.1f}% of their squared norm lies in the span of the "  # type: ignore[index]
+                    f"train tasks' moves (a linear subspace of what MSF was given); moves in random directions: "
+                    f"{100 * geometry_chance(run):.2f}%")
         if args.everyday or args.quick:
             values["everyday"] = run_everyday(bb, args, pt_settings, report)
         report.values.update(values)
