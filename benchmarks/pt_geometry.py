@@ -41,6 +41,7 @@ from benchmarks.timing import device_kind
 
 STUDY = ROOT / "docs" / "results" / "bigbench-100"
 SATURATED = 3.0  # |pre-activation| beyond which tanh' < 0.01: the unit passes almost no gradient
+UNMOVED = 1e-3  # a move below this share of its start's norm is rounding: that task's PT kept its start
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ class Geometry:
     start_kept: float  # mean over tasks of <P, S> / |S|^2: 1 when the start is still wholly in the prompt
     in_others_span: float  # mean over tasks of the share of |move|^2 inside the span of the other tasks' moves
     chance_span: float  # the same for moves in random directions: (T - 1) / (n * d)
-    kept_start: int = 0  # tasks whose PT kept its start (no move; left out of the move statistics)
+    unmoved: int = 0  # tasks whose PT kept its start (no move; left out of the move statistics)
 
     @classmethod
     def of(cls, prompts: Tensor, starts: Tensor) -> Geometry:
         """Statistics of the moves are over the tasks that moved (a task whose PT kept its start has no move)."""
         p, s = prompts.float(), starts.float()
         all_moves = (p - s).flatten(1)
-        moved = all_moves.norm(dim=1) > 0
+        moved = all_moves.norm(dim=1) > UNMOVED * s.flatten(1).norm(dim=1)
         move = all_moves[moved]
         t = move.shape[0]
         unit = torch.nn.functional.normalize(move, dim=1)
@@ -80,7 +81,7 @@ class Geometry:
 
     def cells(self) -> list[str]:
         top = ", ".join(f"{k}: {v:.2f}" for k, v in self.top_share.items())
-        tasks = f"{self.tasks}" + (f" ({self.kept_start} kept the start)" if self.kept_start else "")
+        tasks = f"{self.tasks}" + (f" ({self.unmoved} kept the start)" if self.unmoved else "")
         return [tasks, f"{self.start_norm:.2f}", f"{self.final_norm:.2f}", f"{self.move_norm:.2f}",
                 f"{self.move_cosine:+.3f}", top, f"{self.start_kept:.2f}",
                 f"{100 * self.in_others_span:.1f}% ({100 * self.chance_span:.2f}%)"]
@@ -122,7 +123,10 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
 
     tasks = json.loads((run_dir / "tasks.json").read_text())
     train = sorted(tasks["train"])
-    seed = int(_config(run_dir).get("data_seed", 0))
+    config = _config(run_dir)
+    seed = int(config.get("data_seed", 0))
+    # PT drew its starts from the embeddings in the run's dtype: rounded the same, they are the starts exactly
+    embeddings = embeddings.to(getattr(torch, str(config.get("dtype", "float32")))).float()
     prompts: dict[str, Tensor] = {}
     for chunk in sorted((run_dir / "pt" / "main").glob("chunk*.safetensors")):
         prompts.update(load_file(str(chunk)))
@@ -160,7 +164,7 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
 def geometry_chance(run: dict[str, object]) -> float:
     """The span share of a random direction in the span of the run's train moves: their count / n * d."""
     g = run["geometry"]
-    moved = float(g["tasks"]) - float(g["kept_start"])  # type: ignore[index]
+    moved = float(g["tasks"]) - float(g["unmoved"])  # type: ignore[index]
     return moved * float(g["chance_span"]) / max(1.0, moved - 1)  # type: ignore[index]
 
 
@@ -231,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                      "nothing); 'start kept' the mean of <P, S>/|S|^2 (1: the start is still wholly in the prompt); "
                      "'move in the others' span' the mean share of a task's |move|^2 inside the span of the other "
                      "tasks' moves (leave one out; chance: moves in random directions); a task whose PT kept its start "
-                     "has no move and is left out of the move statistics",
+                     f"(a move below {UNMOVED:g} of its start's norm) is left out of the move statistics",
                      f"PT budget of part 2 (the study's): {pt_settings['max_steps']} steps of "
                      f"{pt_settings['batch_size']} rows per task, dev every {pt_settings['eval_every']} steps, "
                      f"patience {pt_settings['patience']}, ties of dev accuracy broken by dev loss; AdamW"],

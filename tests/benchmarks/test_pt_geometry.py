@@ -42,8 +42,10 @@ def test_a_task_that_kept_its_start_is_left_out_of_the_move_statistics() -> None
     moves = torch.zeros(3, 2, 4)
     moves[0, 0, 0] = moves[1, 0, 0] = 1.0  # two tasks moved the same way, the third kept its start
     g = Geometry.of(starts + moves, starts)
-    assert g.kept_start == 1 and g.move_cosine == pytest.approx(1.0) and g.in_others_span == pytest.approx(1.0)
+    assert g.unmoved == 1 and g.move_cosine == pytest.approx(1.0) and g.in_others_span == pytest.approx(1.0)
     assert "1 kept the start" in g.cells()[0]
+    rounded = Geometry.of(starts + moves + 1e-6 * starts, starts)  # a start kept up to rounding still counts
+    assert rounded.unmoved == 1 and rounded.move_cosine == pytest.approx(1.0, abs=1e-4)
 
 
 def test_a_run_directorys_starts_are_rebuilt_as_pt_drew_them(tmp_path: Path) -> None:
