@@ -63,9 +63,7 @@ class Geometry:
     def of(cls, prompts: Tensor, starts: Tensor) -> Geometry:
         """Statistics of the moves are over the tasks that moved (a task whose PT kept its start has no move)."""
         p, s = prompts.float(), starts.float()
-        all_moves = (p - s).flatten(1)
-        moved = all_moves.norm(dim=1) > UNMOVED * s.flatten(1).norm(dim=1)
-        move = all_moves[moved]
+        move = moves_of(p, s)
         t = move.shape[0]
         unit = torch.nn.functional.normalize(move, dim=1)
         cos = unit @ unit.T
@@ -89,6 +87,13 @@ class Geometry:
 
 GEOMETRY_HEADER = ["mean test accuracy", "tasks", "start norm/token", "PT prompt norm/token", "move norm/token",
                    "cos(moves), 2 tasks", "variance in top PCs", "start kept", "move in the others' span (chance)"]
+
+
+def moves_of(prompts: Tensor, starts: Tensor) -> Tensor:
+    """The flattened moves [T', n * d] of the tasks whose PT moved (a move below UNMOVED of its start's norm is
+    rounding: that task kept its start and has no direction to compare)."""
+    moves = (prompts.float() - starts.float()).flatten(1)
+    return moves[moves.norm(dim=1) > UNMOVED * starts.float().flatten(1).norm(dim=1)]
 
 
 def span_share(moves: Tensor, basis: Tensor) -> float:
@@ -141,10 +146,11 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
     held = sorted(n for n in tasks.get("test", {}) if n in prompts)
     held_out = None
     if held:
-        held_final = torch.stack([prompts[n].float() for n in held])
-        held_moves = (held_final - sample_vocab_prompts(embeddings, len(held), final.shape[1], seed,
-                                                        task_names=held)).flatten(1)
-        held_out = span_share(held_moves, (final - starts).flatten(1))
+        held_moves = moves_of(torch.stack([prompts[n].float() for n in held]),
+                              sample_vocab_prompts(embeddings, len(held), final.shape[1], seed, task_names=held))
+        train_moves = moves_of(final, starts)
+        held_out = {"tasks": held_moves.shape[0], "in_train_span": span_share(held_moves, train_moves),
+                    "chance": train_moves.shape[0] / train_moves.shape[1]}
     report.add("the same, against starts drawn with another seed (a check)", "", *wrong.cells())
     saturation: dict[str, dict[str, float]] = {}
     for msf in sorted((run_dir / "msf").glob("dI*"), key=lambda p: int(p.name[2:])):
@@ -157,15 +163,8 @@ def run_geometry(run_dir: Path, embeddings: Tensor, report: Report) -> dict[str,
         saturation[msf.name] = {"z_norm": float(vectors.norm(dim=1).mean()),
                                 "saturated": float((pre.abs() > SATURATED).float().mean())}
     return {"geometry": geometry.__dict__, "check_other_seed": wrong.__dict__, "msf": saturation,
-            "held_out_tasks": len(held), "held_out_in_train_span": held_out,
+            "held_out": held_out,
             "vocabulary_norm": _token_norm(embeddings[:5000])}
-
-
-def geometry_chance(run: dict[str, object]) -> float:
-    """The span share of a random direction in the span of the run's train moves: their count / n * d."""
-    g = run["geometry"]
-    moved = float(g["tasks"]) - float(g["unmoved"])  # type: ignore[index]
-    return moved * float(g["chance_span"]) / max(1.0, moved - 1)  # type: ignore[index]
 
 
 def _config(run_dir: Path) -> dict[str, object]:
@@ -249,13 +248,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 "MSF task vectors of the run: " + "; ".join(
                     f"{k}: mean |z| {v['z_norm']:.1f}, {100 * v['saturated']:.0f}% of tanh units saturated "
                     f"(|pre-activation| > {SATURATED:g})" for k, v in msf.items()))
-            run = values["run"]
-            if run["held_out_in_train_span"] is not None:  # type: ignore[index]
+            held = values["run"]["held_out"]  # type: ignore[index]
+            if held:
                 report.notes.append(
-                    f"the {run['held_out_tasks']} held-out tasks' PT moves: "  # type: ignore[index]
-                    f"{100 * run['held_out_in_train_span']:.1f}% of their squared norm lies in the span of the "  # type: ignore[index]
-                    f"train tasks' moves (a linear subspace of what MSF was given); moves in random directions: "
-                    f"{100 * geometry_chance(run):.2f}%")
+                    f"the {held['tasks']} held-out tasks whose PT moved: {100 * held['in_train_span']:.1f}% of their "
+                    f"moves' squared norm lies in the span of the train tasks' moves (a linear subspace of what MSF "
+                    f"was given); moves in random directions: {100 * held['chance']:.2f}%")
         if args.everyday or args.quick:
             values["everyday"] = run_everyday(bb, args, pt_settings, report)
         report.values.update(values)

@@ -68,7 +68,7 @@ def test_a_run_directorys_starts_are_rebuilt_as_pt_drew_them(tmp_path: Path) -> 
     assert values["geometry"]["start_kept"] == pytest.approx(1.0, abs=0.05)
     assert values["check_other_seed"]["start_kept"] < 0.8
     assert len(report.rows) == 2 and values["msf"] == {}
-    assert values["held_out_tasks"] == 1 and values["held_out_in_train_span"] == pytest.approx(1.0, abs=1e-6)
+    assert values["held_out"]["tasks"] == 1 and values["held_out"]["in_train_span"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_pt_geometry_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
