@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ipt_engine.device import pick_device, resolve_dtype
 from ipt_engine.errors import InputTruncatedWarning
 from ipt_engine.model_loading import LoadInfo, is_default_backbone, load_pretrained, load_smollm2
+from ipt_engine.option_packing import pack_rows, packed_width
 from ipt_engine.prompt_kv import PromptKV
 
 log = logging.getLogger(__name__)
@@ -324,80 +325,77 @@ class Backbone:
 
     def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor,
                              prompt_kv: PromptKV | None = None) -> Tensor:
-        """Causal LMs: run each row's prompt + source once and score all its options on the shared KV cache.
+        """Causal LMs: one forward pass per chunk of rows scores every option of those rows (`option_packing`).
 
-        A row with k options costs n + S + k * T tokens instead of k * (n + S + T). `rows` holds one entry
-        per (row, option); entries of one row are contiguous. Returns `sums` with each option's log-likelihood
-        put in (out of place, so that gradients flow to the prompts).
+        A row with k options of T tokens costs n + S + k (T - 1) tokens instead of k (n + S + T). `rows` holds one
+        entry per (row, option); entries of one row are contiguous. Rows are sorted by packed width and cut into
+        passes of at most `max_batch_tokens` tokens (rows x (n + widest row)). Returns `sums` with each option's
+        log-likelihood put in (out of place, so that gradients flow to the prompts).
         """
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(rows):
             groups.setdefault(r.prompt_row, []).append(k)
-        prefix = {i: rows[ks[0]].source for i, ks in groups.items()}  # one source per row, fitted to its longest option
-        order = sorted(groups, key=lambda i: len(prefix[i]))
+        width = {i: packed_width(rows[ks[0]].source, [rows[k].target for k in ks]) for i, ks in groups.items()}
         chunk: list[int] = []
-        max_prefix = max_option = n_options = 0
-        for i in order:
-            width = n + len(prefix[i])
-            option_width = max(len(rows[k].target) for k in groups[i])
-            grown = (max(max_prefix, width), max(max_option, option_width), n_options + len(groups[i]))
-            # the prefix pass holds rows x prefix tokens; the option pass holds, per option, a copy of its
-            # row's cached prefix plus the option's own tokens
-            fits = ((len(chunk) + 1) * grown[0] <= self.max_batch_tokens
-                    and grown[2] * (grown[0] + grown[1]) <= self.max_batch_tokens)
-            if chunk and not fits:
-                sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
-                                                                   for j in chunk}, n, sums, prompt_kv)
-                chunk, grown = [], (width, option_width, len(groups[i]))
+        for i in sorted(groups, key=lambda i: width[i]):
+            if chunk and (len(chunk) + 1) * (n + width[i]) > self.max_batch_tokens:
+                sums = self._score_packed_chunk(prompts, chunk, rows, groups, n, sums, prompt_kv)
+                chunk = []
             chunk.append(i)
-            max_prefix, max_option, n_options = grown
         if chunk:
-            sums = self._score_prefix_chunk(prompts, chunk, prefix, {j: [(k, rows[k].target) for k in groups[j]]
-                                                                      for j in chunk}, n, sums, prompt_kv)
+            sums = self._score_packed_chunk(prompts, chunk, rows, groups, n, sums, prompt_kv)
         return sums
 
-    def _score_prefix_chunk(self, prompts: Tensor | None, chunk: list[int], prefix: dict[int, list[int]],
-                            targets: dict[int, list[tuple[int, list[int]]]], n: int, sums: Tensor,
+    def _score_packed_chunk(self, prompts: Tensor | None, chunk: list[int], rows: list[_Row],
+                            groups: dict[int, list[int]], n: int, sums: Tensor,
                             prompt_kv: PromptKV | None = None) -> Tensor:
-        ids, mask = self._pad([prefix[i] for i in chunk])
-        prompt_mask = torch.ones(len(chunk), n, dtype=mask.dtype, device=self.device)
+        packed = pack_rows([rows[groups[i][0]].source for i in chunk],
+                           [[(k, rows[k].target) for k in groups[i]] for i in chunk], self.tokenizer.pad_token_id)
+        ids = packed.ids.to(self.device)
         if prompt_kv is not None:
-            # the prompts' keys and values are given: run the sources only, at positions n.., after them
-            mask = torch.cat([prompt_mask, mask], dim=1)
-            positions = n + torch.arange(ids.shape[1], device=self.device).expand(len(chunk), -1)
-            states, cache = self._causal_states(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                                cache=prompt_kv.select(chunk).to_cache(), use_cache=True)
-            offset = 0  # states start at the first source token
+            # the prompts' keys and values are given: run the packed rows only, at positions n.., after them
+            if bool((packed.pick_col < 0).any()):
+                raise ValueError("a row with an empty input cannot be scored on a prompt cache: its first answer "
+                                 "token is predicted from the prompt's last position; pass the prompts instead")
+            mask = packed.attention_mask(n, prompt_queries=False)
+            states, _ = self._causal_states(input_ids=ids, attention_mask=self._model_mask(mask),
+                                            position_ids=(n + packed.positions).to(self.device),
+                                            cache=prompt_kv.select(chunk).to_cache(), use_cache=True)
+            offset = 0  # states start at the first source column
         else:
             emb = self.model.get_input_embeddings()(ids)
-            if prompts is not None:
+            positions = packed.positions
+            if prompts is not None and n:
                 p = prompts.index_select(0, torch.tensor(chunk, device=prompts.device)).to(self.device, self.dtype)
                 emb = torch.cat([p, emb], dim=1)
-                mask = torch.cat([prompt_mask, mask], dim=1)
-            states, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+                positions = torch.cat([torch.arange(n).expand(len(chunk), -1), n + positions], dim=1)
+            mask = packed.attention_mask(n, prompt_queries=True)
+            states, _ = self._causal_states(inputs_embeds=emb, attention_mask=self._model_mask(mask),
+                                            position_ids=positions.to(self.device), use_cache=False)
             offset = n
-        lengths = torch.tensor([n + len(prefix[i]) for i in chunk], device=self.device)  # real prefix lengths
-        pair_chunk_row = [c for c, i in enumerate(chunk) for _ in targets[i]]
-        pair_index = [k for i in chunk for k, _ in targets[i]]
-        pair_tokens = [t for i in chunk for _, t in targets[i]]
-        rows_t = torch.tensor(pair_chunk_row, device=self.device)
-        # first option token: predicted from the last real prefix position
-        last = states[torch.arange(len(chunk), device=self.device), lengths - 1 - n + offset]
-        first_logp = self._to_logits(last).float().log_softmax(-1)
-        first_tok = torch.tensor([t[0] for t in pair_tokens], device=self.device)
-        total = first_logp[rows_t, first_tok]
-        if max(len(t) for t in pair_tokens) > 1:
-            # remaining tokens: feed option tokens [:-1] after the cached prefix, each row's cache repeated
-            cache.reorder_cache(rows_t)
-            inp, inp_mask = self._pad([t[:-1] for t in pair_tokens])
-            full_mask = torch.cat([mask.index_select(0, rows_t), inp_mask], dim=1)
-            positions = lengths.index_select(0, rows_t)[:, None] + torch.arange(inp.shape[1], device=self.device)
-            more, _ = self._causal_states(input_ids=inp, attention_mask=full_mask, position_ids=positions,
-                                          cache=cache, use_cache=True)
-            nxt, _ = self._pad([t[1:] for t in pair_tokens])
-            logp = self._to_logits(more).float().log_softmax(-1).gather(2, nxt[..., None]).squeeze(2)
-            total = total + (logp * inp_mask).sum(1)
-        return sums.index_put((torch.tensor(pair_index),), total.float().cpu())
+        # the options' first tokens share their row's last source column: run the LM head once per column
+        flat = packed.pick_row * (packed.width + 1) + packed.pick_col + 1
+        columns, which = torch.unique(flat, return_inverse=True)
+        picked = states[(columns // (packed.width + 1)).to(self.device),
+                        (offset - 1 + columns % (packed.width + 1)).to(self.device)]  # [columns, d]
+        logp = self._to_logits(picked).float().log_softmax(-1)  # [columns, V]
+        token_logp = logp[which.to(self.device), packed.pick_token.to(self.device)]  # [Q]
+        pairs = packed.pick_pair.to(self.device)
+        unique, slot = torch.unique(pairs, return_inverse=True)
+        total = torch.zeros(len(unique), device=self.device).index_add(0, slot, token_logp)
+        return sums.index_put((unique.cpu(),), total.cpu())
+
+    def _model_mask(self, allowed: Tensor) -> Tensor:
+        """A boolean attention mask [B, 1, q, kv] (True: may attend) in the form this model's attention takes."""
+        impl = getattr(self.model.config, "_attn_implementation", "sdpa")
+        allowed = allowed.to(self.device)
+        if impl == "sdpa":
+            return allowed
+        if impl == "eager":
+            return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(self.dtype).min)
+        raise ValueError(f"scoring answer options packs them with a custom attention mask, which the model's "
+                         f"'{impl}' attention does not take; load it with attn_implementation='sdpa' or 'eager'")
 
     def _causal_states(self, **inputs: object) -> tuple[Tensor, object]:
         """Forward a causal LM; returns (hidden states, or logits when the head path is off) and the cache."""
