@@ -1,10 +1,11 @@
-"""Soft-prompt cache: predict latency on a cache miss (the first request of a task: Proj_b(z) is computed) and on a
-cache hit, and the cost of Proj_b as a share of a predict.
+"""The service's two per-task caches: predict latency on a miss (a task's first request: Proj_b(z) is computed,
+and on a causal backbone the prompt's keys and values too) and on a hit, and what each computation costs alone.
 
 Through the real app over HTTP on loopback, tasks stored in a private Redis (random z vectors). One client sends
 requests one at a time (no batching with others), in pairs: a task's first request (a miss), then a second
-request of the same task with another input (a hit). The app's own counter (ipt_prompt_cache_lookups_total) checks
-that every first request missed and every second one hit. Proj_b(z) is also timed alone, on the model's device.
+request of the same task with another input (a hit). The app's own counters (ipt_prompt_cache_lookups_total and,
+when the prefix KV cache is on, ipt_prefix_kv_cache_lookups_total) check that every first request missed and every
+second one hit. Proj_b(z) and the prompt's keys and values are also timed alone, on the model's device.
 
 Run:
     .venv/bin/python -m benchmarks.cache_bench                 # SmolLM2; ~1 min on 2 CPU cores
@@ -40,9 +41,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def lookups(counter: object) -> tuple[float, float]:
+    """(hits, misses) a cache lookup counter has counted so far."""
+    return (metric_value(counter, "_total", {"result": "hit"}), metric_value(counter, "_total", {"result": "miss"}))
+
+
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     from service import metrics
+    from service.app import prefix_cache_for
     from service.redis_connection import connect
     from service.runtime import load_runtime, reset_runtime
     from service.task_store import TaskStore
@@ -70,25 +77,30 @@ def main(argv: Sequence[str] | None = None) -> Report:
         stream = [predict_request(task, texts(2 * k + second)) for k, task in enumerate(ids) for second in (0, 1)]
         with served_app(settings) as (base, _app):
             run_load(base, [predict_request(t, texts(k)) for k, t in enumerate(warm_ids * 2)], 1)  # untimed
-            hits0 = metric_value(metrics.PROMPT_CACHE, "_total", {"result": "hit"})
-            misses0 = metric_value(metrics.PROMPT_CACHE, "_total", {"result": "miss"})
+            caches = {"prompt": metrics.PROMPT_CACHE, "prefix KV": metrics.PREFIX_CACHE}
+            before = {c: lookups(m) for c, m in caches.items()}
             result = run_load(base, stream, 1)
-            hits = metric_value(metrics.PROMPT_CACHE, "_total", {"result": "hit"}) - hits0
-            misses = metric_value(metrics.PROMPT_CACHE, "_total", {"result": "miss"}) - misses0
-        if (hits, misses) != (pairs, pairs):
-            raise RuntimeError(f"expected {pairs} misses then {pairs} hits, the app counted {misses:g} misses and "
-                               f"{hits:g} hits")
+            counted = {c: tuple(a - b for a, b in zip(lookups(m), before[c], strict=True)) for c, m in caches.items()}
+        prefix_on = prefix_cache_for(runtime, settings) is not None  # the app's own rule
+        for cache, (hits, misses) in counted.items():
+            expected = (pairs, pairs) if cache == "prompt" or prefix_on else (0, 0)
+            if (hits, misses) != expected:
+                raise RuntimeError(f"expected {expected[1]:g} {cache} cache misses then {expected[0]:g} hits, the app "
+                                   f"counted {misses:g} misses and {hits:g} hits")
         miss_lat, hit_lat = result.latencies[0::2], result.latencies[1::2]
         z = torch.randn(1, runtime.subspace.config.d_intrinsic, device=device)
         with torch.no_grad():
             projb = timed(lambda: runtime.subspace.decode(z), args.projb_repeats, device)
         projb_s = median(projb)
+        prompt = runtime.subspace.decode(z).detach()
+        kv_times = timed(lambda: runtime.backbone.prompt_kv(prompt), args.projb_repeats, device) if prefix_on else []
         config = runtime.subspace.config
         prompt_bytes = config.n_prompt * config.d_model * runtime.backbone.dtype.itemsize
         projb_params = sum(p.numel() for p in runtime.subspace.proj_b.parameters())
 
+        missed = "Proj_b(z) and the prompt's keys and values computed" if prefix_on else "Proj_b(z) computed"
         report = Report(
-            "cache_bench", "Soft-prompt cache: predict on a miss vs a hit", device_kind(device),
+            "cache_bench", "Per-task caches: predict on a miss vs a hit", device_kind(device),
             context=[
                 f"backbone: {setup.label} on {device_description(device)}, {setup.dtype}",
                 f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}; Proj_b {projb_params / 1e6:.1f} M "
@@ -98,9 +110,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
             ],
             header=["measure", "p50", "p99", "mean"])
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        report.add("predict, prompt cache miss (a task's first request)", ms(pct(miss_lat, 50)), ms(pct(miss_lat, 99)),
-                   ms(mean(miss_lat)))
-        report.add("predict, prompt cache hit", ms(pct(hit_lat, 50)), ms(pct(hit_lat, 99)), ms(mean(hit_lat)))
+        report.add(f"predict, cache miss (a task's first request: {missed})", ms(pct(miss_lat, 50)),
+                   ms(pct(miss_lat, 99)), ms(mean(miss_lat)))
+        report.add("predict, cache hit (the task's second request)", ms(pct(hit_lat, 50)), ms(pct(hit_lat, 99)),
+                   ms(mean(hit_lat)))
         diffs = [m - h for m, h in zip(miss_lat, hit_lat, strict=True)]
         report.add("miss - hit, paired by task", ms(pct(diffs, 50)), ms(pct(diffs, 99)), ms(mean(diffs)))
         report.add(f"Proj_b(z) alone, one task ({args.projb_repeats} calls)", ms(projb_s), ms(pct(projb, 99)),
@@ -108,15 +121,22 @@ def main(argv: Sequence[str] | None = None) -> Report:
         share_miss = projb_s / pct(miss_lat, 50)
         report.add("Proj_b share of a predict on a miss (Proj_b p50 / miss p50)", f"{share_miss:.1%}", "-", "-")
         report.add("Proj_b share of a predict on a hit", "0% (not computed)", "-", "-")
+        if prefix_on:
+            report.add(f"the prompt's keys and values alone, one task ({args.projb_repeats} calls)",
+                       ms(median(kv_times)), ms(pct(kv_times, 99)), ms(mean(kv_times)))
         report.notes += [
             f"a cached prompt holds n x d = {config.n_prompt} x {config.d_model} values: {prompt_bytes / 1e6:.2f} MB; "
             f"the default cache of {settings.prompt_cache_size} prompts holds up to "
             f"{prompt_bytes * settings.prompt_cache_size / 1e9:.2f} GB",
-            f"the app counted {misses:g} misses and {hits:g} hits over the timed requests, as expected",
+            *(f"the app counted {misses:g} {cache} cache misses and {hits:g} hits over the timed requests, as expected"
+              for cache, (hits, misses) in counted.items() if cache == "prompt" or prefix_on),
+            *([] if prefix_on else ["prefix KV cache: off (a seq2seq backbone, or IPT_PREFIX_CACHE_BYTES=0)"]),
         ]
         report.values.update({"miss_p50": pct(miss_lat, 50), "hit_p50": pct(hit_lat, 50), "miss_p99": pct(miss_lat, 99),
                               "hit_p99": pct(hit_lat, 99), "projb_s": projb_s, "projb_share": share_miss,
-                              "pairs": pairs, "hits": hits, "misses": misses})
+                              "pairs": pairs, "hits": counted["prompt"][0], "misses": counted["prompt"][1],
+                              "prefix_hits": counted["prefix KV"][0], "prefix_misses": counted["prefix KV"][1],
+                              "prompt_kv_s": median(kv_times) if kv_times else None})
         return finish(report, args, argv)
 
 

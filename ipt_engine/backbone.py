@@ -201,7 +201,7 @@ class Backbone:
         """The log-likelihood of every option of every row, differentiable with respect to `prompts`.
 
         Returns (sums [P], token counts [P]) over the P (row, option) pairs, row after row (CPU, float32 and
-        int64). Causal LMs run each row's prompt and source once and score its options on the shared cache.
+        int64). Causal LMs run each row's prompt and source once and score all its options in that pass.
         """
         n = self._check_prompt_inputs(prompts, prompt_kv, len(sources))
         if len(options) != len(sources):

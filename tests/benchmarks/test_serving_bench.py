@@ -30,3 +30,15 @@ def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert all(0 < v[f"model_busy_{k}"] <= 1.05 for k in (1, 8, 64)) and 0 < v["model_busy_per_request"] <= 1.05
     text = docs.read_text()
     assert "<!-- serving_bench:cpu start -->" in text and "- machine: " in text and "- date: " in text
+
+
+def test_model_flops_count_the_body_per_token_and_the_head_per_scored_column(tiny_causal) -> None:  # type: ignore[no-untyped-def]
+    body, head = serving_bench.model_parameters(tiny_causal)
+    named = dict(tiny_causal.model.named_parameters())
+    assert body == sum(p.numel() for name, p in named.items() if "embed_tokens" not in name and "lm_head" not in name)
+    assert head == tiny_causal.model.config.vocab_size * tiny_causal.hidden_size
+    work = serving_bench.request_work(tiny_causal, "category", ["sports", "weather"], ["a match", "rain all day"])
+    # each label is fed after the source (its EOS only scored), and the head runs there and at the source's end
+    assert work.scored == work.options + 1 and work.options >= 2 and work.source > 2
+    assert work.flops(0, body, head) == 2 * body * (work.source + work.options) + 2 * head * work.scored
+    assert work.flops(20, body, head) - work.flops(0, body, head) == 2 * body * 20

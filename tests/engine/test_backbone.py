@@ -151,7 +151,7 @@ def test_unknown_backbone_is_a_clear_error(tmp_path) -> None:
 
 
 def test_option_scores_equal_the_full_sequence_log_likelihood(tiny_backbone: Backbone) -> None:
-    """Scoring options on a shared prefix cache gives the same numbers as scoring each full sequence."""
+    """Scoring every option of a row in its one packed pass gives the same numbers as scoring each full sequence."""
     prompts = _prompts(tiny_backbone, 3, seed=4)
     options = [[" weather", " sports", " food news today"], [" a"], [" sports", " weather report"]]
     scored = tiny_backbone.score_options(prompts, SOURCES_B, options)
