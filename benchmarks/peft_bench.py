@@ -12,8 +12,8 @@ task of the tests, 16 examples per label for training, 8 per label for dev), sam
   its metadata (MEMORY USAGE, written by the service's TaskStore into a private redis-server);
 - inference: PEFT puts one prompt on a whole batch, so K requests of K different tasks take K forward passes
   (set_adapter between them); ours answers them in one mixed forward (the service's MicroBatcher.run_batch).
-  PEFT scores each answer option as its own sequence (the usual way with a PEFT model); ours scores the options on
-  a shared prefix, so a row of ours per request is reported too, to tell batching from scoring.
+  PEFT scores each answer option as its own sequence (the usual way with a PEFT model); ours scores all of a row's
+  options in its one pass, so a row of ours per request is reported too, to tell batching from scoring.
 
 PEFT is installed for the benchmarks only: `bash benchmarks/setup.sh` (into .bench-deps/, never the project's).
 
@@ -368,8 +368,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report.notes += [
             "adapter files: " + ", ".join(f"{k} {v:,} B" for k, v in sorted(adapter_files.items()))
             + " (README.md is PEFT's model card, not counted)",
-            "PEFT scores each option as a full sequence; ours runs each input once and scores its options on the "
-            "shared prefix: the last row (one forward per request on both sides) shows that part alone, the row "
+            "PEFT scores each option as a full sequence; ours runs each input once and scores all its options in "
+            "that pass: the last row (one forward per request on both sides) shows that part alone, the row "
             "above it the batching alone",
             f"dev accuracy of the trained PEFT prompt: {peft_trace.points[-1][2]:.3f} by the shared evaluator, "
             f"{peft_own_dev:.3f} by PEFT's own forward (they should agree)",
