@@ -220,7 +220,7 @@ class Backbone:
                 s, _ = self._log_likelihood(prompts, [rows[k] for k in chunk])
                 sums = sums.index_put((torch.tensor(chunk),), s.float().cpu())
         else:
-            sums = self._score_shared_prefix(prompts, rows, n, sums, prompt_kv)
+            sums = self._score_packed(prompts, rows, n, sums, prompt_kv)
         return sums, counts
 
     @torch.no_grad()
@@ -323,7 +323,7 @@ class Backbone:
             chunks.append(current)
         return chunks
 
-    def _score_shared_prefix(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor,
+    def _score_packed(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor,
                              prompt_kv: PromptKV | None = None) -> Tensor:
         """Causal LMs: one forward pass per chunk of rows scores every option of those rows (`option_packing`).
 

@@ -40,8 +40,8 @@ def test_eager_attention_gives_the_scores_of_sdpa(tiny_causal: Backbone, tiny_mo
     eager.model.set_attn_implementation("eager")
     assert eager.model.config._attn_implementation == "eager"
     prompts = torch.randn(3, 4, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(0))
-    for a, b in zip(tiny_causal.score_options(prompts, SOURCES, OPTIONS), eager.score_options(prompts, SOURCES, OPTIONS),
-                    strict=True):
+    with_sdpa = tiny_causal.score_options(prompts, SOURCES, OPTIONS)
+    for a, b in zip(with_sdpa, eager.score_options(prompts, SOURCES, OPTIONS), strict=True):
         torch.testing.assert_close(a.log_likelihoods, b.log_likelihoods, atol=1e-4, rtol=0)
 
 
