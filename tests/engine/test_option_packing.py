@@ -51,3 +51,30 @@ def test_an_empty_input_on_a_prompt_cache_is_refused(tiny_causal: Backbone) -> N
     assert torch.isfinite(with_prompts[0].log_likelihoods).all()
     with pytest.raises(ValueError, match="empty input cannot be scored on a prompt cache"):
         tiny_causal.score_options(None, [""], [[" a", " b"]], prompt_kv=tiny_causal.prompt_kv(prompts))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_rows_score_as_their_full_sequences(tiny_causal: Backbone, seed: int) -> None:
+    """Rows of random lengths with 1 to 5 options of 1 to 6 words, in one pass or cut by a small budget, with the
+    prompts or their cache: every option's log-likelihood equals that of its whole sequence scored alone."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "the", "a", "cat", "runs", "fast", "slowly", "over", "under", "42", "news"]
+    sources = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(5)]
+    options = [[" " + " ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(rng.randint(1, 5))]
+               for _ in sources]
+    prompts = torch.randn(len(sources), 3, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(seed))
+    budget = tiny_causal.max_batch_tokens
+    try:
+        tiny_causal.max_batch_tokens = rng.choice([8192, 40])
+        scored = tiny_causal.score_options(prompts, sources, options)
+        cached = tiny_causal.score_options(None, sources, options, prompt_kv=tiny_causal.prompt_kv(prompts))
+    finally:
+        tiny_causal.max_batch_tokens = budget
+    for i, opts in enumerate(options):
+        alone, count = tiny_causal.target_log_likelihood(prompts[i:i + 1].expand(len(opts), -1, -1),
+                                                         [sources[i]] * len(opts), opts)
+        torch.testing.assert_close(scored[i].log_likelihoods, alone.detach(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(cached[i].log_likelihoods, alone.detach(), atol=1e-4, rtol=0)
+        assert torch.equal(scored[i].num_tokens, count)
