@@ -49,7 +49,6 @@ def lookups(counter: object) -> tuple[float, float]:
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     from service import metrics
-    from service.app import prefix_cache_for
     from service.redis_connection import connect
     from service.runtime import load_runtime, reset_runtime
     from service.task_store import TaskStore
@@ -75,13 +74,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
             return [inputs[(i * per_request + j) % len(inputs)] for j in range(per_request)]
 
         stream = [predict_request(task, texts(2 * k + second)) for k, task in enumerate(ids) for second in (0, 1)]
-        with served_app(settings) as (base, _app):
+        with served_app(settings) as (base, app):
             run_load(base, [predict_request(t, texts(k)) for k, t in enumerate(warm_ids * 2)], 1)  # untimed
             caches = {"prompt": metrics.PROMPT_CACHE, "prefix KV": metrics.PREFIX_CACHE}
             before = {c: lookups(m) for c, m in caches.items()}
             result = run_load(base, stream, 1)
             counted = {c: tuple(a - b for a, b in zip(lookups(m), before[c], strict=True)) for c, m in caches.items()}
-        prefix_on = prefix_cache_for(runtime, settings) is not None  # the app's own rule
+            prefix_on = app.state.batcher.prefix_cache is not None
         for cache, (hits, misses) in counted.items():
             expected = (pairs, pairs) if cache == "prompt" or prefix_on else (0, 0)
             if (hits, misses) != expected:

@@ -130,13 +130,17 @@ class RequestWork:
 
 
 def request_work(backbone: object, name: str, labels: Sequence[str], inputs: Sequence[str]) -> RequestWork:
-    """The work of one served request with one input, as the backbone tokenizes it."""
+    """The work of one served request with one input, as the backbone tokenizes it and `option_packing` lays it out
+    (each label followed by EOS)."""
+    from ipt_engine.option_packing import pack_rows
     from ipt_engine.tasks import TaskKind, to_text_pair
 
     tok = backbone.tokenizer  # type: ignore[attr-defined]
     sources = [len(tok(to_text_pair(name, TaskKind.CLASSIFICATION, x).source).input_ids) for x in inputs]
-    fed = sum(len(tok(" " + label, add_special_tokens=False).input_ids) for label in labels)  # + EOS, scored only
-    return RequestWork(sum(sources) / len(sources), fed, 1 + fed)
+    options = [(k, [*tok(" " + label, add_special_tokens=False).input_ids, tok.eos_token_id])
+               for k, label in enumerate(labels)]
+    packed = pack_rows([[0]], [options], pad_id=0)  # a one-token source: what follows it is the same for any
+    return RequestWork(sum(sources) / len(sources), packed.width - 1, len(packed.scored_columns()[0]))
 
 
 def model_parameters(backbone: object) -> tuple[int, int]:

@@ -373,17 +373,12 @@ class Backbone:
             states, _ = self._causal_states(inputs_embeds=emb, attention_mask=self._model_mask(mask),
                                             position_ids=positions.to(self.device), use_cache=False)
             offset = n
-        # the options' first tokens share their row's last source column: run the LM head once per column
-        flat = packed.pick_row * (packed.width + 1) + packed.pick_col + 1
-        columns, which = torch.unique(flat, return_inverse=True)
-        picked = states[(columns // (packed.width + 1)).to(self.device),
-                        (offset - 1 + columns % (packed.width + 1)).to(self.device)]  # [columns, d]
-        logp = self._to_logits(picked).float().log_softmax(-1)  # [columns, V]
+        columns, which = packed.scored_columns()
+        picked = states[columns[:, 0].to(self.device), (offset + columns[:, 1]).to(self.device)]  # [C, d]
+        logp = self._to_logits(picked).float().log_softmax(-1)  # [C, V]
         token_logp = logp[which.to(self.device), packed.pick_token.to(self.device)]  # [Q]
-        pairs = packed.pick_pair.to(self.device)
-        unique, slot = torch.unique(pairs, return_inverse=True)
-        total = torch.zeros(len(unique), device=self.device).index_add(0, slot, token_logp)
-        return sums.index_put((unique.cpu(),), total.cpu())
+        # each pair is scored in exactly one chunk, so adding into its zero slot puts its sum in (out of place)
+        return sums.index_add(0, packed.pick_pair, token_logp.cpu())
 
     def _model_mask(self, allowed: Tensor) -> Tensor:
         """A boolean attention mask [B, 1, q, kv] (True: may attend) in the form this model's attention takes."""

@@ -52,6 +52,11 @@ class PackedRows:
             body = torch.cat([head, body], dim=1)
         return body[:, None]
 
+    def scored_columns(self) -> tuple[Tensor, Tensor]:
+        """The distinct (row, column) outputs the scored tokens need [C, 2], and each scored token's one [Q]: the
+        options' first tokens share their row's last source column, so the LM head runs once per column."""
+        return torch.unique(torch.stack([self.pick_row, self.pick_col], dim=1), dim=0, return_inverse=True)
+
 
 def packed_width(source: Sequence[int], targets: Sequence[Sequence[int]]) -> int:
     """Columns a row takes: its source and every option's tokens but the last (which only gets scored)."""
