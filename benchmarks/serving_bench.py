@@ -12,8 +12,9 @@ Compared in one run, on the same inputs:
 - a one-request-per-forward server: the same app with IPT_BATCH_MAX_SIZE=1, on the largest stream;
 - the gain batching gives the bare PLM on this machine: engine predict, no prompt, batch B vs batch 1; and the
   same with one soft prompt of the subspace's n tokens, rows as long as the served ones (like for like).
-Targets (issue 7): 1000 tasks at >= 0.9x the single-task throughput; against per-request serving, at least the
-bare PLM's batching gain.
+Targets: 1000 tasks at >= 0.95x the single-task throughput (issue 18; issue 7 asked 0.9x); against per-request
+serving, at least the bare PLM's batching gain (issue 7); with the prefix KV cache >= 2.0x the throughput without it
+at 1000 tasks (issue 18).
 
 The prompt cache starts filled with the stream's tasks (the steady state of a service whose cache holds its
 active tasks); cache misses are measured by benchmarks/cache_bench.py.
@@ -49,6 +50,9 @@ from benchmarks.served_app import (
     service_settings,
 )
 from benchmarks.timing import device_kind, median, ms, ratio, sync, timed
+
+MIXED_TARGET = 0.95
+"""Throughput at the largest stream over the single-task stream that issue 18 asks for."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -310,8 +314,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
                               "bare_batch": bare_b, "requests": n_requests, "prompted_gain": prompted_gain,
                               "model_busy_per_request": per_request_busy})
         report.notes += [
-            f"{counts[-1]} tasks vs 1 task: {most / single:.2f}x the throughput (target >= 0.9x: "
-            f"{'met' if most / single >= 0.9 else 'NOT met'})",
+            f"{counts[-1]} tasks vs 1 task: {most / single:.3f}x the throughput (target >= {MIXED_TARGET}x: "
+            f"{'met' if most / single >= MIXED_TARGET else 'NOT met'})",
             f"{counts[-1]} tasks vs one request per forward: {mixed_gain:.2f}x; batching gain of the bare PLM here "
             f"(batch {batch} vs 1): {bare_gain:.2f}x (target: at least that gain: "
             f"{'met' if mixed_gain >= bare_gain else 'NOT met'}); like for like, the PLM's batching gain on rows "
