@@ -53,6 +53,8 @@ from benchmarks.timing import device_kind, median, ms, ratio, sync, timed
 
 MIXED_TARGET = 0.95
 """Throughput at the largest stream over the single-task stream that issue 18 asks for."""
+PREFIX_CACHE_TARGET = 2.0
+"""Throughput with the prefix KV cache over without it, at the largest stream, that issue 18 asks for."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -300,8 +302,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
             f"source + {work.options} option tokens (+ {n_prompt} prompt tokens without the cache) and the LM head at "
             f"{work.scored} positions, all of a row's options in its one pass")
         bound = work.flops(n_prompt, body, head) / work.flops(0, body, head)
+        kv_met = "met" if kv_gain >= PREFIX_CACHE_TARGET else "NOT met"
         report.notes.insert(0, f"prefix KV cache, {counts[-1]} tasks: {kv_gain:.2f}x the throughput without it "
-                               f"(target >= 2.0x: {'met' if kv_gain >= 2.0 else 'NOT met'}); p50 latency "
+                               f"(target >= {PREFIX_CACHE_TARGET}x: {kv_met}); p50 latency "
                                f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt can "
                                f"give on this request mix is its model FLOPs with the prompt over those without = "
                                f"{bound:.2f}x, less the attention to the cached positions and the padding")

@@ -324,7 +324,7 @@ class Backbone:
         return chunks
 
     def _score_packed(self, prompts: Tensor | None, rows: list[_Row], n: int, sums: Tensor,
-                             prompt_kv: PromptKV | None = None) -> Tensor:
+                      prompt_kv: PromptKV | None = None) -> Tensor:
         """Causal LMs: one forward pass per chunk of rows scores every option of those rows (`option_packing`).
 
         A row with k options of T tokens costs n + S + k (T - 1) tokens instead of k (n + S + T). `rows` holds one
