@@ -17,11 +17,18 @@ from benchmarks.timing import pct
 
 @dataclass
 class LoadResult:
-    """What a load run measured: per-request latencies (s), the wall time of the run, inputs answered."""
+    """What a load run measured: per-request latencies (s), the wall time of the run, inputs answered, and the CPU
+    seconds the load client itself spent (on this machine, taken from the server it measures)."""
 
     latencies: list[float]
     wall: float
     examples: int
+    client_cpu: float = 0.0
+
+    @property
+    def client_cpu_per_request(self) -> float:
+        """Seconds of the client's CPU per request."""
+        return self.client_cpu / len(self.latencies) if self.latencies else float("nan")
 
     @property
     def throughput(self) -> float:
@@ -46,7 +53,7 @@ def run_load(base: str, requests: Sequence[tuple[str, dict[str, Any]]], concurre
     if proc.returncode != 0:
         raise RuntimeError(f"load client failed: {proc.stderr.strip()[-2000:]}")
     out = json.loads(proc.stdout)
-    return LoadResult(out["latencies"], out["wall"], out["examples"])
+    return LoadResult(out["latencies"], out["wall"], out["examples"], out["cpu"])
 
 
 def predict_request(task_id: str, inputs: Sequence[str]) -> tuple[str, dict[str, Any]]:

@@ -87,26 +87,31 @@ def make_stream(task_ids: Sequence[str], inputs: Sequence[str], count: int, per_
 
 
 def plm_batching(backbone: object, name: str, labels: Sequence[str], inputs: Sequence[str], batch: int,
-                 repeats: int, prompt: object = None) -> tuple[float, float, float, float]:
-    """Engine predict of one task, with no prompt (the bare PLM) or one soft prompt [1, n, d] (rows as long as the
-    served ones): (examples/s at batch 1, at batch `batch`, median seconds per call of each)."""
+                 repeats: int, prompt: object = None, prompt_kv: object = None) -> tuple[float, float, float, float]:
+    """Engine predict of one task, with no prompt (the bare PLM), one soft prompt [1, n, d] (rows as long as the
+    served ones) or that prompt's cached keys and values (`Backbone.prompt_kv`, one row): (examples/s at batch 1,
+    at batch `batch`, median seconds per call of each)."""
     from ipt_engine.evaluation import predict
     from ipt_engine.tasks import Example, TaskHead, TaskKind
 
     head = TaskHead(name, TaskKind.CLASSIFICATION, tuple(labels))
     examples = [Example(inputs[i % len(inputs)], "") for i in range(batch)]
     device = backbone.device  # type: ignore[attr-defined]
+
+    def run(xs: list[Example]) -> None:
+        predict(backbone, [head], [xs], prompt, prompt_kv=prompt_kv)  # type: ignore[arg-type]
+
     for e in examples[:2]:
-        predict(backbone, [head], [[e]], prompt)  # warm-up
-    predict(backbone, [head], [examples], prompt)
+        run([e])  # warm-up
+    run(examples)
     sync(device)
     singles = []
     for e in examples:  # `batch` single calls: their median is steady enough
         start = time.perf_counter()
-        predict(backbone, [head], [[e]], prompt)
+        run([e])
         sync(device)
         singles.append(time.perf_counter() - start)
-    batched = timed(lambda: predict(backbone, [head], [examples], prompt), repeats, device, warmup=0)
+    batched = timed(lambda: run(examples), repeats, device, warmup=0)
     one, many = median(singles), median(batched)
     return 1 / one, batch / many, one, many
 
@@ -235,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         with torch.no_grad():
             prompt = runtime.subspace.decode(torch.from_numpy(stored[0])[None].to(device))
         one_1, one_b, one_1_s, one_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats, prompt)
+        if kv_held:  # the same rows on the prompt's cached keys and values: the engine's own prefix-cache gain
+            kv_1, kv_b, kv_1_s, kv_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats,
+                                                      prompt_kv=runtime.backbone.prompt_kv(prompt))
         n_prompt = runtime.subspace.config.n_prompt
         peak = matmul_peak_flops(device, runtime.backbone.dtype)
         body, head = model_parameters(runtime.backbone)
@@ -289,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
                    "-", "1", "1", "-", "-", "-", "-")
         report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch {batch}", "1", f"{one_b:.2f}",
                    ms(one_b_s), "-", str(batch), "1", "-", "-", "-", "-")
+        if kv_held:
+            report.add("PLM with one soft prompt's keys and values cached (engine), batch 1", "1", f"{kv_1:.2f}",
+                       ms(kv_1_s), "-", "1", "1", "-", "-", "-", "-")
+            report.add(f"PLM with one soft prompt's keys and values cached (engine), batch {batch}", "1",
+                       f"{kv_b:.2f}", ms(kv_b_s), "-", str(batch), "1", "-", "-", "-", "-")
         most = batched[counts[-1]][0].throughput
         kv_gain = most / no_kv.throughput
         report.values.update({"prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
@@ -307,15 +320,22 @@ def main(argv: Sequence[str] | None = None) -> Report:
                                f"(target >= {PREFIX_CACHE_TARGET}x: {kv_met}); p50 latency "
                                f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt can "
                                f"give on this request mix is its model FLOPs with the prompt over those without = "
-                               f"{bound:.2f}x, less the attention to the cached positions and the padding")
+                               f"{bound:.2f}x, less the attention to the cached positions and the padding"
+                               + (f"; the engine alone (no HTTP, one task, batch {batch}) gains {kv_b / one_b:.2f}x"
+                                  if kv_held else ""))
+        if kv_held:
+            report.values["engine_prefix_cache_gain"] = kv_b / one_b
         mixed_gain = most / per_request_result.throughput
+        timed = [r for r, _, _ in batched.values()] + [no_kv, per_request_result]
+        client_cpu = sum(r.client_cpu for r in timed) / sum(len(r.latencies) for r in timed)
         bare_gain = bare_b / bare_1
         prompted_gain = one_b / one_1
         report.values.update({"counts": counts, "single_task_throughput": single, "per_request_throughput":
                               per_request_result.throughput, "mixed_vs_single": most / single,
                               "mixed_vs_per_request": mixed_gain, "bare_gain": bare_gain, "bare_1": bare_1,
                               "bare_batch": bare_b, "requests": n_requests, "prompted_gain": prompted_gain,
-                              "model_busy_per_request": per_request_busy})
+                              "model_busy_per_request": per_request_busy,
+                              "client_cpu_per_request": client_cpu})
         report.notes += [
             f"{counts[-1]} tasks vs 1 task: {most / single:.3f}x the throughput (target >= {MIXED_TARGET}x: "
             f"{'met' if most / single >= MIXED_TARGET else 'NOT met'})",
@@ -333,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "ipt_predict_batch_distinct_tasks) over the timed requests",
             "model busy: the share of the run's wall time the predictor spent in its forward passes "
             "(MicroBatcher.run_batch); well below 100% means HTTP, queueing or the client, not the model, set the pace",
+            f"load client: {client_cpu * 1e3:.2f} ms of CPU per request (mean over the timed runs), in a process of "
+            "its own on the same cores as the server (one keep-alive h11 connection per client, "
+            "benchmarks/load_client.py)",
         ]
         return finish(report, args, argv)
 

@@ -22,6 +22,8 @@ def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert finite_positive([v[f"{m}_{k}"] for m in ("throughput", "p50", "p99") for k in (1, 8, 64)])
     assert all(v[f"p50_{k}"] <= v[f"p99_{k}"] for k in (1, 8, 64))
     assert finite_positive([v["per_request_throughput"], v["bare_1"], v["bare_batch"], v["bare_gain"]])
+    assert finite_positive([v["engine_prefix_cache_gain"], v["client_cpu_per_request"]])
+    assert v["client_cpu_per_request"] < 0.005  # the load client must not take the server's CPU (httpx: ~9 ms)
     # the predictor's own histograms: one task per forward for a one-task stream, several for a mixed one
     assert v["tasks_per_forward_1"] == 1.0
     assert 1.0 < v["tasks_per_forward_64"] <= v["inputs_per_forward_64"] <= 32
