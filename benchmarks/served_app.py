@@ -97,15 +97,20 @@ def prefill_prompt_cache(app: Any, runtime: Any, store: Any, task_ids: Sequence[
 
 
 def prefill_prefix_cache(app: Any, runtime: Any, store: Any, task_ids: Sequence[str], chunk: int = 64) -> float:
-    """Run every task's prompt through the model into the app's prefix KV cache (what serving each task once
-    would leave there); returns the seconds it took (0 when the app has no prefix cache)."""
+    """Run every task's prompt and source prefix through the model into the app's prefix KV cache (what serving
+    each task once would leave there); returns the seconds it took (0 when the app has no prefix cache)."""
+    from ipt_engine.tasks import source_prefix
+
     cache = app.state.batcher.prefix_cache
     if cache is None:
         return 0.0
     start = time.perf_counter()
     for keys, prompts in _decoded(runtime, store, task_ids, chunk):
+        names = [record.name for task_id, _ in keys if (record := store.get(task_id)) is not None]
+        if len(names) != len(keys):
+            raise SystemExit("a task written for the benchmark is missing from the store")
         with torch.no_grad():
-            cache.stacked(keys, prompts)
+            cache.stacked(keys, prompts, [source_prefix(name) for name in names])
     return time.perf_counter() - start
 
 

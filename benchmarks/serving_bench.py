@@ -132,26 +132,35 @@ class RequestWork:
     """What one served row costs the model besides its prompt, as the backbone packs it (`option_packing`)."""
 
     source: float  # mean source tokens
+    prefix: float  # mean source tokens the prefix KV cache holds (the task's "{name}:"), skipped with the cache
     options: int  # option tokens fed after the source: each option's tokens but its last (label + EOS)
     scored: int  # columns the LM head runs on: the last source column and each fed option token
 
-    def flops(self, prompt_tokens: int, body_params: int, head_params: int) -> float:
+    def tokens(self, n_prompt: int, cached: bool) -> float:
+        """Tokens one row feeds: without the cache its prompt, source and options; with it, the source past the
+        cached prefix and the options."""
+        return self.source - self.prefix + self.options if cached else n_prompt + self.source + self.options
+
+    def flops(self, n_prompt: int, cached: bool, body_params: int, head_params: int) -> float:
         """Model FLOPs of one row: 2 x body parameters per token fed, 2 x LM-head parameters per scored column."""
-        return 2.0 * body_params * (prompt_tokens + self.source + self.options) + 2.0 * head_params * self.scored
+        return 2.0 * body_params * self.tokens(n_prompt, cached) + 2.0 * head_params * self.scored
 
 
 def request_work(backbone: object, name: str, labels: Sequence[str], inputs: Sequence[str]) -> RequestWork:
     """The work of one served request with one input, as the backbone tokenizes it and `option_packing` lays it out
     (each label followed by EOS)."""
     from ipt_engine.option_packing import pack_rows
-    from ipt_engine.tasks import TaskKind, to_text_pair
+    from ipt_engine.tasks import TaskKind, source_prefix, to_text_pair
 
     tok = backbone.tokenizer  # type: ignore[attr-defined]
-    sources = [len(tok(to_text_pair(name, TaskKind.CLASSIFICATION, x).source).input_ids) for x in inputs]
+    prefix = tok(source_prefix(name)).input_ids
+    sources = [tok(to_text_pair(name, TaskKind.CLASSIFICATION, x).source).input_ids for x in inputs]
+    skipped = [len(prefix) if s[:len(prefix)] == prefix and len(s) > len(prefix) else 0 for s in sources]
     options = [(k, [*tok(" " + label, add_special_tokens=False).input_ids, tok.eos_token_id])
                for k, label in enumerate(labels)]
     packed = pack_rows([[0]], [options], pad_id=0)  # a one-token source: what follows it is the same for any
-    return RequestWork(sum(sources) / len(sources), packed.width - 1, len(packed.scored_columns()[0]))
+    return RequestWork(sum(map(len, sources)) / len(sources), sum(skipped) / len(skipped), packed.width - 1,
+                       len(packed.scored_columns()[0]))
 
 
 def model_parameters(backbone: object) -> tuple[int, int]:
@@ -169,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     import torch
 
+    from ipt_engine.tasks import source_prefix
     from service.redis_connection import connect
     from service.runtime import load_runtime, reset_runtime
     from service.settings import Settings
@@ -195,12 +205,13 @@ def main(argv: Sequence[str] | None = None) -> Report:
         device = runtime.backbone.device
         # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
         # would miss every time); its bytes per task are reported below
+        name, labels, inputs = category_inputs()
         per_task_kv = runtime.backbone.prompt_kv(
-            torch.zeros(1, runtime.subspace.config.n_prompt, runtime.backbone.hidden_size, device=device)).nbytes
+            torch.zeros(1, runtime.subspace.config.n_prompt, runtime.backbone.hidden_size, device=device),
+            [source_prefix(name)]).nbytes
         settings = settings.model_copy(update={"prefix_cache_bytes": per_task_kv * (counts[-1] + 1)})
         n_requests = args.requests or (48 if args.quick else 1024 if device.type == "cuda" else 384)
         store = TaskStore(connect(settings))
-        name, labels, inputs = category_inputs()
         writer = TaskWriter(store, name, labels, runtime.subspace.config.d_intrinsic, runtime.artifact_id, args.seed)
         ids = writer.write(counts[-1])
         streams = {k: make_stream(ids[:k], inputs, n_requests, per_request, args.seed) for k in counts}
@@ -241,16 +252,17 @@ def main(argv: Sequence[str] | None = None) -> Report:
             prompt = runtime.subspace.decode(torch.from_numpy(stored[0])[None].to(device))
         one_1, one_b, one_1_s, one_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats, prompt)
         if kv_held:  # the same rows on the prompt's cached keys and values: the engine's own prefix-cache gain
+            kv = runtime.backbone.prompt_kv(prompt, [source_prefix(name)])
             kv_1, kv_b, kv_1_s, kv_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats,
-                                                      prompt_kv=runtime.backbone.prompt_kv(prompt))
+                                                      prompt_kv=kv)
         n_prompt = runtime.subspace.config.n_prompt
         peak = matmul_peak_flops(device, runtime.backbone.dtype)
         body, head = model_parameters(runtime.backbone)
         work = request_work(runtime.backbone, name, labels, inputs)
 
-        def flop_share(throughput: float, prompt_tokens: int) -> str:
+        def flop_share(throughput: float, cached: bool) -> str:
             """Model FLOP/s (`RequestWork.flops`; padding and attention not counted) as a share of the peak."""
-            return f"{work.flops(prompt_tokens, body, head) * throughput / peak:.1%}"
+            return f"{work.flops(n_prompt, cached, body, head) * throughput / peak:.1%}"
 
         single = batched[counts[0]][0].throughput
         report = Report(
@@ -273,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                        f"{result.throughput:.2f}", ms(result.p50), ms(result.p99), f"{stats.mean_inputs:.1f}",
                        f"{stats.mean_tasks:.1f}", f"{busy_share:.0%}", ratio(result.throughput, single),
                        ratio(result.throughput, per_request_result.throughput),
-                       flop_share(result.throughput, 0 if kv_held else n_prompt))
+                       flop_share(result.throughput, bool(kv_held)))
             report.values[f"model_busy_{k}"] = busy_share
             report.values[f"throughput_{k}"] = result.throughput
             report.values[f"p50_{k}"], report.values[f"p99_{k}"] = result.p50, result.p99
@@ -283,12 +295,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
                    min(counts[-1], n_requests), f"{no_kv.throughput:.2f}", ms(no_kv.p50), ms(no_kv.p99),
                    f"{no_kv_stats.mean_inputs:.1f}", f"{no_kv_stats.mean_tasks:.1f}", f"{no_kv_busy:.0%}",
                    ratio(no_kv.throughput, single), ratio(no_kv.throughput, per_request_result.throughput),
-                   flop_share(no_kv.throughput, n_prompt))
+                   flop_share(no_kv.throughput, False))
         report.add(f"one request per forward (IPT_BATCH_MAX_SIZE=1), {counts[-1]} tasks", min(counts[-1], n_requests),
                    f"{per_request_result.throughput:.2f}", ms(per_request_result.p50), ms(per_request_result.p99),
                    f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tasks:.1f}",
                    f"{per_request_busy:.0%}", ratio(per_request_result.throughput, single), "1.00x",
-                   flop_share(per_request_result.throughput, 0 if kv_held else n_prompt))
+                   flop_share(per_request_result.throughput, bool(kv_held)))
         report.add("bare PLM (engine, no prompt), batch 1", "-", f"{bare_1:.2f}", ms(bare_1_s), "-", "1", "-", "-",
                    "-", "-", "-")
         report.add(f"bare PLM (engine, no prompt), batch {batch}", "-", f"{bare_b:.2f}", ms(bare_b_s), "-", str(batch),
@@ -298,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch {batch}", "1", f"{one_b:.2f}",
                    ms(one_b_s), "-", str(batch), "1", "-", "-", "-", "-")
         if kv_held:
-            report.add("PLM with one soft prompt's keys and values cached (engine), batch 1", "1", f"{kv_1:.2f}",
+            report.add("PLM with one task's prompt + source prefix cached (engine), batch 1", "1", f"{kv_1:.2f}",
                        ms(kv_1_s), "-", "1", "1", "-", "-", "-", "-")
-            report.add(f"PLM with one soft prompt's keys and values cached (engine), batch {batch}", "1",
+            report.add(f"PLM with one task's prompt + source prefix cached (engine), batch {batch}", "1",
                        f"{kv_b:.2f}", ms(kv_b_s), "-", str(batch), "1", "-", "-", "-", "-")
         most = batched[counts[-1]][0].throughput
         kv_gain = most / no_kv.throughput
@@ -308,18 +320,22 @@ def main(argv: Sequence[str] | None = None) -> Report:
                               "matmul_peak_flops": peak, "prefix_cache_bytes_per_task": per_task_kv,
                               "prefix_cache_bytes_held": kv_held, "peak_rss_bytes": peak_rss})
         report.context.append(
-            f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions), filled with the "
+            f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions and the "
+            f"{work.prefix:.0f} tokens of the task's source prefix '{source_prefix(name)}'), filled with the "
             f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held; peak RSS of this process, "
             f"which serves the app, with them: {peak_rss / 1e9:.2f} GB); matmul peak measured "
-            f"here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request computes ~{work.source:.0f} "
-            f"source + {work.options} option tokens (+ {n_prompt} prompt tokens without the cache) and the LM head at "
-            f"{work.scored} positions, all of a row's options in its one pass")
-        bound = work.flops(n_prompt, body, head) / work.flops(0, body, head)
+            f"here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request feeds ~"
+            f"{work.tokens(n_prompt, True):.0f} tokens with the cache (the source past its prefix + {work.options} "
+            f"option tokens), ~{work.tokens(n_prompt, False):.0f} without ({n_prompt} prompt + {work.source:.0f} "
+            f"source + {work.options} option tokens), and the LM head runs at {work.scored} positions, all of a row's "
+            "options in its one pass")
+        bound = work.flops(n_prompt, False, body, head) / work.flops(n_prompt, True, body, head)
         kv_met = "met" if kv_gain >= PREFIX_CACHE_TARGET else "NOT met"
         report.notes.insert(0, f"prefix KV cache, {counts[-1]} tasks: {kv_gain:.2f}x the throughput without it "
                                f"(target >= {PREFIX_CACHE_TARGET}x: {kv_met}); p50 latency "
-                               f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt can "
-                               f"give on this request mix is its model FLOPs with the prompt over those without = "
+                               f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt "
+                               f"and the source prefix can give on this request mix is its model FLOPs without the "
+                               f"cache over those with it = "
                                f"{bound:.2f}x, less the attention to the cached positions and the padding"
                                + (f"; the engine alone (no HTTP, one task, batch {batch}) gains {kv_b / one_b:.2f}x"
                                   if kv_held else ""))

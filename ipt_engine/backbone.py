@@ -70,10 +70,20 @@ class _Row:
     prompt_row: int
     source: list[int]
     target: list[int]
+    cached: int = 0  # source tokens before `source` whose keys and values come from the prompt cache
 
     @property
     def length(self) -> int:
         return len(self.source) + len(self.target)
+
+
+def _strip_cached_prefix(row: _Row, prefix: tuple[int, ...]) -> _Row:
+    """The row without the source tokens its prompt cache holds, when its source starts with them and goes on
+    past them (a source cut from the left to fit the context does not); else the row as it is."""
+    k = len(prefix)
+    if k and len(row.source) > k and tuple(row.source[:k]) == prefix:
+        return _Row(row.prompt_row, row.source[k:], row.target, cached=k)
+    return row
 
 
 class Backbone:
@@ -210,6 +220,8 @@ class Backbone:
         if empty:
             raise ValueError(f"rows {empty[:10]} have no answer options to score")
         rows = [row for i, opts in enumerate(options) for row in self._tokenize(i, sources[i], opts, n)]
+        if prompt_kv is not None:
+            rows = [_strip_cached_prefix(r, prompt_kv.source_prefixes[r.prompt_row]) for r in rows]
         sums = torch.zeros(len(rows))
         counts = torch.tensor([len(r.target) for r in rows], dtype=torch.long)
         if not rows:
@@ -237,22 +249,41 @@ class Backbone:
             out = self.model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id)
             return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        return self._greedy_causal(prompts, sources, max_new_tokens, prompt_kv)
+        # generation runs on the prompts' own positions: a cached source prefix saves little of a decode
+        return self._greedy_causal(prompts, sources, max_new_tokens,
+                                   None if prompt_kv is None else prompt_kv.prompt_only())
 
     @torch.no_grad()
-    def prompt_kv(self, prompts: Tensor) -> PromptKV:
+    def prompt_kv(self, prompts: Tensor, source_prefixes: Sequence[str] | None = None) -> PromptKV:
         """Run soft prompts [batch, n, d] through the model once: their keys and values at every layer, to be
         passed as `prompt_kv` to `score_options` and `generate` instead of the prompts (same scores, without
         recomputing the prompt positions). Causal LMs only: a seq2seq encoder attends both ways, so there a
-        prompt's states depend on the input and cannot be cached."""
+        prompt's states depend on the input and cannot be cached.
+
+        source_prefixes: per row, text that starts every source the row will be asked with (a task's
+        `source_prefix`, "{name}:"); its tokens run after the prompt here, once. A source later scored on this
+        cache skips them when its tokens start with them (else it runs whole, on the prompt positions alone),
+        so the scores stay those of the prompts."""
         if self.is_encoder_decoder:
             raise ValueError("a seq2seq backbone cannot cache its prompts: its encoder attends both ways, so the "
                              "prompt's states depend on the input; pass the prompts instead")
         self._check_prompts(prompts, prompts.shape[0])
         emb = prompts.to(self.device, self.dtype)
-        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
+        n = emb.shape[1]
+        if source_prefixes is None:
+            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
+            _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
+            return PromptKV.from_cache(cache)
+        if len(source_prefixes) != emb.shape[0]:
+            raise ValueError(f"{len(source_prefixes)} source prefixes for {emb.shape[0]} prompts")
+        budget = self.max_length - n - 1  # at least one source token of a row must still fit after the prefix
+        prefixes = [tuple(self.tokenizer(p, add_special_tokens=True).input_ids[:max(budget, 0)])
+                    for p in source_prefixes]
+        ids, tok_mask = self._pad([list(p) for p in prefixes])  # right padding: a row's real positions come first
+        emb = torch.cat([emb, self.model.get_input_embeddings()(ids.to(self.device))], dim=1)
+        mask = torch.cat([torch.ones(emb.shape[0], n, dtype=torch.long, device=self.device), tok_mask], dim=1)
         _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
-        return PromptKV.from_cache(cache)
+        return PromptKV.from_cache(cache, n, prefixes)
 
     # ------------------------------------------------------------------------------------- internals
     def _check_prompt_inputs(self, prompts: Tensor | None, prompt_kv: PromptKV | None, batch: int) -> int:
@@ -357,10 +388,13 @@ class Backbone:
             if bool((packed.pick_col < 0).any()):
                 raise ValueError("a row with an empty input cannot be scored on a prompt cache: its first answer "
                                  "token is predicted from the prompt's last position; pass the prompts instead")
-            mask = packed.attention_mask(n, prompt_queries=False)
+            # each row sees its prompt, and its source prefix where its source starts with it (`_Row.cached`)
+            seen = torch.tensor([n + rows[groups[i][0]].cached for i in chunk])  # [B]
+            kv = prompt_kv.select(chunk) if int(seen.max()) > n else prompt_kv.prompt_only().select(chunk)
+            mask = packed.cached_attention_mask(torch.arange(kv.width)[None] < seen[:, None])
             states, _ = self._causal_states(input_ids=ids, attention_mask=self._model_mask(mask),
-                                            position_ids=(n + packed.positions).to(self.device),
-                                            cache=prompt_kv.select(chunk).to_cache(), use_cache=True)
+                                            position_ids=(seen[:, None] + packed.positions).to(self.device),
+                                            cache=kv.to_cache(), use_cache=True)
             offset = 0  # states start at the first source column
         else:
             emb = self.model.get_input_embeddings()(ids)

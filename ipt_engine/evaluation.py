@@ -115,10 +115,11 @@ def predict_with_prompts(backbone: Backbone, tasks: Sequence[Task | TaskHead], e
                          max_rows: int = PROMPT_KV_ROWS) -> list[list[Prediction]]:
     """`predict` with one prompt per task [num_tasks, n, d] (or None), each prompt run through the model once.
 
-    A causal LM attends from the inputs to the prompt but never back, so a task's prompt has the same keys and
-    values for every one of its examples: they are computed once per task (`Backbone.prompt_kv`) and only the
-    inputs and options run per example, the same answers for about (n + S) / S less compute (S the input's
-    tokens). Tasks go in groups of at most `max_rows` examples, which bounds the copied keys and values. A
+    A causal LM attends from the inputs to the prompt but never back, so a task's prompt, and the source prefix
+    that starts every one of its sources ("{name}:"), have the same keys and values for every one of its
+    examples: they are computed once per task (`Backbone.prompt_kv`) and only the inputs and options run per
+    example, the same answers for about (n + S) / (S - k) less compute (S the source's tokens, k its prefix's).
+    Tasks go in groups of at most `max_rows` examples, which bounds the copied keys and values. A
     seq2seq backbone (its encoder attends both ways) and the bare PLM (no prompt) take the plain path."""
     if prompts is None or backbone.is_encoder_decoder:
         return predict(backbone, tasks, examples, prompts, max_new_tokens=max_new_tokens,
@@ -127,7 +128,8 @@ def predict_with_prompts(backbone: Backbone, tasks: Sequence[Task | TaskHead], e
         raise ValueError(f"{len(tasks)} tasks but {prompts.shape[0]} prompts")
     out: list[list[Prediction]] = []
     for group in row_groups([len(e) for e in examples], max_rows):
-        kv = backbone.prompt_kv(prompts.index_select(0, torch.tensor(group, device=prompts.device)))
+        kv = backbone.prompt_kv(prompts.index_select(0, torch.tensor(group, device=prompts.device)),
+                                [tasks[i].source_prefix for i in group])
         out += predict(backbone, [tasks[i] for i in group], [examples[i] for i in group], None, prompt_kv=kv,
                        max_new_tokens=max_new_tokens, length_normalized=length_normalized)
     return out

@@ -45,12 +45,20 @@ class PackedRows:
         Every column may attend to every prompt position. With `prompt_queries` the prompt positions are queries
         too (the prompt runs in this pass, causally); without, their keys and values come from a cache."""
         rows, width = self.ids.shape
+        if not prompt_queries:
+            return self.cached_attention_mask(torch.ones(rows, n_prompt, dtype=torch.bool))
         body = torch.cat([torch.ones(rows, width, n_prompt, dtype=torch.bool), self.allowed], dim=2)
-        if prompt_queries and n_prompt:
+        if n_prompt:
             head = torch.zeros(rows, n_prompt, n_prompt + width, dtype=torch.bool)
             head[:, :, :n_prompt] = torch.ones(n_prompt, n_prompt, dtype=torch.bool).tril()
             body = torch.cat([head, body], dim=1)
         return body[:, None]
+
+    def cached_attention_mask(self, visible: Tensor) -> Tensor:
+        """The boolean mask [B, 1, W, P + W] when P cached positions come first and row b may attend to those
+        where visible[b] ([B, P] bool) is True: its own prompt and source prefix, not another row's padding."""
+        rows, width = self.ids.shape
+        return torch.cat([visible[:, None, :].expand(rows, width, visible.shape[1]), self.allowed], dim=2)[:, None]
 
     def scored_columns(self) -> tuple[Tensor, Tensor]:
         """The distinct (row, column) outputs the scored tokens need [C, 2], and each scored token's one [Q]: the

@@ -1,17 +1,22 @@
 """Soft prompts run through the model once: their keys and values at every layer (a prefix KV cache).
 
 In a causal LM a prefix's keys and values depend only on the prefix. A task's soft prompt Proj_b(z) is the
-same for every request of the task, so its keys and values can be computed once per (task, vector) and
-reused: a served row then runs only its input and option tokens. Every task's prompt has the same length n,
-so the caches of rows of different tasks stack along the batch dimension without padding.
+same for every request of the task, and so are the first tokens of every source it formats (`"{task name}:"`,
+`tasks.source_prefix`): their keys and values can be computed once per (task, vector) and reused, and a served
+row then runs only its input and option tokens.
 
-Shapes: per layer, keys and values [batch, kv_heads, n, head_dim].
+A row holds n prompt positions and then its source prefix's k tokens (k may differ between rows, and be 0).
+Rows stack along the batch dimension, zero-padded after their own positions to the widest row; a row's
+`lengths` says how many positions are real. A row scored on the cache may use all of them (its source starts
+with those tokens) or only the first n (it does not, e.g. cut from the left to fit the context).
+
+Shapes: per layer, keys and values [batch, kv_heads, width, head_dim], width = max(lengths).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,22 +25,40 @@ from transformers import DynamicCache
 
 @dataclass(frozen=True)
 class PromptKV:
-    """The keys and values of a batch of soft prompts at every layer (inference only: no gradient)."""
+    """The keys and values of a batch of soft prompts (and of their source prefixes) at every layer
+    (inference only: no gradient)."""
 
-    keys: tuple[Tensor, ...]  # per layer [batch, kv_heads, n, head_dim]
-    values: tuple[Tensor, ...]  # per layer [batch, kv_heads, n, head_dim]
+    keys: tuple[Tensor, ...]  # per layer [batch, kv_heads, width, head_dim]
+    values: tuple[Tensor, ...]  # per layer [batch, kv_heads, width, head_dim]
+    n_prompt: int = -1  # soft prompt positions, the same in every row; -1: all of width (no source prefixes)
+    source_prefixes: tuple[tuple[int, ...], ...] = field(default=())  # per row, the source tokens cached after
+    # the prompt; (): none in any row
 
     def __post_init__(self) -> None:
         if not self.keys or len(self.keys) != len(self.values):
             raise ValueError(f"need keys and values for every layer, got {len(self.keys)} and {len(self.values)}")
+        if self.n_prompt < 0:
+            object.__setattr__(self, "n_prompt", self.width)
+        if not self.source_prefixes:
+            object.__setattr__(self, "source_prefixes", ((),) * self.batch)
+        if len(self.source_prefixes) != self.batch:
+            raise ValueError(f"{len(self.source_prefixes)} source prefixes for {self.batch} rows")
+        if max(self.lengths) != self.width:
+            raise ValueError(f"rows hold at most {max(self.lengths)} positions but the tensors have {self.width}")
 
     @property
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
     @property
-    def n_prompt(self) -> int:
+    def width(self) -> int:
+        """Positions held by the tensors: the longest row's prompt and source prefix."""
         return self.keys[0].shape[2]
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Real positions of each row: n_prompt + its source prefix's tokens."""
+        return tuple(self.n_prompt + len(p) for p in self.source_prefixes)
 
     @property
     def nbytes(self) -> int:
@@ -43,27 +66,45 @@ class PromptKV:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def select(self, index: Sequence[int] | Tensor) -> PromptKV:
-        """The rows `index` (with repeats), e.g. one row per served input from one row per task."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.keys[0].device)
-        return PromptKV(tuple(k.index_select(0, idx) for k in self.keys),
-                        tuple(v.index_select(0, idx) for v in self.values))
+        """The rows `index` (with repeats), e.g. one row per served input from one row per task; trimmed to the
+        widest selected row."""
+        rows = [int(i) for i in torch.as_tensor(index, dtype=torch.long).reshape(-1)]
+        prefixes = tuple(self.source_prefixes[i] for i in rows)
+        width = self.n_prompt + max((len(p) for p in prefixes), default=0)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
+        return PromptKV(tuple(k.index_select(0, idx)[:, :, :width] for k in self.keys),
+                        tuple(v.index_select(0, idx)[:, :, :width] for v in self.values), self.n_prompt, prefixes)
 
     def split(self) -> list[PromptKV]:
-        """One PromptKV per row (views of this one's tensors, cloned so a row does not pin the batch)."""
-        return [PromptKV(tuple(k[i:i + 1].clone() for k in self.keys), tuple(v[i:i + 1].clone() for v in self.values))
-                for i in range(self.batch)]
+        """One PromptKV per row, without padding (cloned, so that a row does not pin the batch)."""
+        return [PromptKV(tuple(k[i:i + 1, :, :n].clone() for k in self.keys),
+                         tuple(v[i:i + 1, :, :n].clone() for v in self.values), self.n_prompt, (prefix,))
+                for i, (n, prefix) in enumerate(zip(self.lengths, self.source_prefixes, strict=True))]
+
+    def prompt_only(self) -> PromptKV:
+        """The soft prompts' positions alone (no source prefix), every row n_prompt wide."""
+        if self.width == self.n_prompt:
+            return self
+        return PromptKV(tuple(k[:, :, :self.n_prompt] for k in self.keys),
+                        tuple(v[:, :, :self.n_prompt] for v in self.values), self.n_prompt)
 
     @staticmethod
     def stack(rows: Sequence[PromptKV]) -> PromptKV:
-        """Rows of many tasks in one batch (every prompt has the same n, so no padding is needed)."""
+        """Rows of many tasks in one batch, each zero-padded after its own positions to the widest."""
         if not rows:
             raise ValueError("nothing to stack")
         shapes = {(r.n_prompt, len(r.keys)) for r in rows}
         if len(shapes) != 1:
             raise ValueError(f"prompt caches of different shapes (n, layers) cannot stack: {sorted(shapes)}")
+        width = max(r.width for r in rows)
+
+        def padded(t: Tensor) -> Tensor:
+            return t if t.shape[2] == width else torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
+
         layers = len(rows[0].keys)
-        return PromptKV(tuple(torch.cat([r.keys[i] for r in rows]) for i in range(layers)),
-                        tuple(torch.cat([r.values[i] for r in rows]) for i in range(layers)))
+        return PromptKV(tuple(torch.cat([padded(r.keys[i]) for r in rows]) for i in range(layers)),
+                        tuple(torch.cat([padded(r.values[i]) for r in rows]) for i in range(layers)),
+                        rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
 
     def to_cache(self) -> DynamicCache:
         """A fresh transformers cache holding these keys and values (the model appends to it in place, so
@@ -71,5 +112,17 @@ class PromptKV:
         return DynamicCache(list(zip(self.keys, self.values, strict=True)))
 
     @staticmethod
-    def from_cache(cache: DynamicCache) -> PromptKV:
-        return PromptKV(tuple(layer.keys for layer in cache.layers), tuple(layer.values for layer in cache.layers))
+    def from_cache(cache: DynamicCache, n_prompt: int = -1,
+                   source_prefixes: Sequence[Sequence[int]] = ()) -> PromptKV:
+        """Keys and values a forward pass left in `cache`; each row's positions past its own are zeroed (a
+        padded position's states are not meaningful and must not turn into NaN under a mask)."""
+        keys = tuple(layer.keys for layer in cache.layers)
+        values = tuple(layer.values for layer in cache.layers)
+        prefixes = tuple(tuple(p) for p in source_prefixes)
+        if prefixes and n_prompt >= 0:
+            width = keys[0].shape[2]
+            lengths = torch.tensor([n_prompt + len(p) for p in prefixes], device=keys[0].device)
+            real = (torch.arange(width, device=keys[0].device)[None] < lengths[:, None])[:, None, :, None]
+            keys = tuple(k.masked_fill(~real, 0) for k in keys)
+            values = tuple(v.masked_fill(~real, 0) for v in values)
+        return PromptKV(keys, values, n_prompt, prefixes)

@@ -90,14 +90,21 @@ class TextPair:
     target: str
 
 
+def source_prefix(task_name: str) -> str:
+    """The start of every source of a task, before its input: `"{task_name}:"`. Being the same for all of the
+    task's examples, a causal LM's keys and values for it can be cached with the task's prompt (`prompt_kv`)."""
+    return f"{task_name}:"
+
+
 def to_text_pair(task_name: str, kind: TaskKind, input_text: str, output_text: str = "",
                  options: Sequence[str] | None = None) -> TextPair:
     """Format one example of a task as (source, target) text. The only formatting function in the project.
 
-    The source is `"{task_name}: {input}"`, followed for multiple choice by the options, and ends with
-    `"\\nAnswer:"`; the target is the output with a leading space (so that it tokenizes like running text).
+    The source is `"{task_name}: {input}"` (`source_prefix`, a space, the input), followed for multiple choice by
+    the options, and ends with `"\\nAnswer:"`; the target is the output with a leading space (so that it tokenizes
+    like running text).
     """
-    source = f"{task_name}: {input_text.strip()}"
+    source = f"{source_prefix(task_name)} {input_text.strip()}"
     if kind is TaskKind.MULTIPLE_CHOICE and options:
         source += "\nOptions: " + " | ".join(o.strip() for o in options)
     return TextPair(source=source + "\nAnswer:", target=" " + output_text.strip())
@@ -120,6 +127,10 @@ class TaskHead:
 
     def text_pair(self, example: Example) -> TextPair:
         return to_text_pair(self.name, self.kind, example.input, example.output, self.options_for(example))
+
+    @property
+    def source_prefix(self) -> str:
+        return source_prefix(self.name)
 
 
 @dataclass
@@ -198,6 +209,11 @@ class Task:
     def text_pair(self, example: Example) -> TextPair:
         """The (source, target) text of an example of this task."""
         return self.head.text_pair(example)
+
+    @property
+    def source_prefix(self) -> str:
+        """The start of every source of this task (`source_prefix`)."""
+        return self.head.source_prefix
 
     def with_dev_split(self, dev_fraction: float = 0.25, seed: int = 0) -> Task:
         """Return a copy whose dev set is split off the train set when it has none (stratified by output

@@ -191,7 +191,7 @@ class MicroBatcher:
         metrics.PREDICT_BATCH_SIZE.observe(len(items))
         metrics.PREDICT_BATCH_TASKS.observe(len(keys))
         if self.prefix_cache is not None:
-            kv = self.prefix_cache.stacked(keys, prompts)
+            kv = self.prefix_cache.stacked(keys, prompts, [h.source_prefix for h in heads])
             answers = predict(self.runtime.backbone, heads, examples, None, prompt_kv=kv)
         else:
             answers = predict(self.runtime.backbone, heads, examples, prompts)

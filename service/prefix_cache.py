@@ -1,12 +1,13 @@
-"""The per-task prefix KV cache: each task's soft prompt Proj_b(z) run through the model once.
+"""The per-task prefix KV cache: each task's soft prompt Proj_b(z), and the start of every source it formats
+("{name}:", `tasks.source_prefix`), run through the model once.
 
-For a causal backbone a prompt's keys and values at every layer depend only on the task (its z), never on
-the input, so a served row needs only its input and option tokens once they are cached (`PromptKV`). Entries
-are keyed like the prompt cache, by (task id, vector version): a retrained task has a new version and its
-older entry is dropped; a deleted task is never asked for again and ages out. The bound is in bytes (an
-entry of SmolLM2-135M with n = 20 in fp32 holds 30 layers x keys and values x 3 heads x 20 x 64 x 4 B =
-0.92 MB). It is used from the model thread only (the micro-batcher's), so it needs no lock; the byte gauge
-may be read anywhere.
+For a causal backbone the keys and values at every layer of a prompt and of the tokens after it depend only on
+those, never on what follows: a task's are the same for every input, so a served row needs only its input and
+option tokens once they are cached (`PromptKV`). Entries are keyed by (task id, vector version, source prefix):
+a retrained task has a new version and its older entry is dropped; a deleted task is never asked for again and
+ages out. The bound is in bytes (an entry of SmolLM2-135M in fp32 holds 30 layers x keys and values x 3 heads x
+64 x 4 B = 46 KB per position: 0.92 MB for n = 20, ~1.1 MB with a 4-token name). It is used from the model
+thread only (the micro-batcher's), so it needs no lock; the byte gauge may be read anywhere.
 
 Seq2seq backbones have no such cache: their encoder attends both ways, so a prompt's states depend on the
 input (the batcher passes the prompts themselves for them).
@@ -26,12 +27,13 @@ from service import metrics
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_BYTES = 448 * 2**20  # ~500 tasks of SmolLM2 (n = 20, fp32); measured (benchmarks/api_memory_bench.py,
-# 1000 hot tasks): the API process is 1.14 GB when ready and peaks ~0.35 GB above it plus the cache: 2.30 GB at
-# 768 MiB, 2.02 GB at 512 MiB, so 448 MiB keeps it under 2 GB
+CPU_DEFAULT_BYTES = 448 * 2**20  # ~400 tasks of SmolLM2 (n = 20 and a 4-token name, fp32). Measured
+# (benchmarks/api_memory_bench.py, 1000 hot tasks): the API process is 1.14 GB when ready and peaks ~0.35 GB
+# above it plus the cache: 2.30 GB at 768 MiB, 2.02 GB at 512 MiB, so 448 MiB keeps it under 2 GB
 ACCELERATOR_DEFAULT_BYTES = 4 * 2**30
 
-Key = tuple[str, int]
+Key = tuple[str, int]  # (task id, vector version), as the batcher groups its rows
+Entry = tuple[str, int, str]  # (task id, vector version, source prefix)
 
 
 def default_bytes(device: str) -> int:
@@ -40,12 +42,13 @@ def default_bytes(device: str) -> int:
 
 
 class PrefixKVCache:
-    """(task id, version) -> PromptKV of one row, at most `max_bytes` held: least recently used first out, and a
-    newcomer that would push an entry out is admitted only if its task has been asked for more often lately than
-    that entry's (TinyLFU admission, as Caffeine does it). Under plain LRU, a stream cycling over more tasks than
-    the cache holds (1000 hot tasks, ~500 fit on a CPU) evicts every entry before its next use and never hits;
-    with admission, the entries held stay and serve their share of the stream. Lookup counts are per task, halved
-    every `10 x entries held` lookups (at least 1024), so that a task that becomes hot is admitted soon."""
+    """(task id, version, source prefix) -> PromptKV of one row, at most `max_bytes` held: least recently used
+    first out, and a newcomer that would push an entry out is admitted only if its task has been asked for more
+    often lately than that entry's (TinyLFU admission, as Caffeine does it). Under plain LRU, a stream cycling
+    over more tasks than the cache holds (1000 hot tasks, ~400 fit on a CPU) evicts every entry before its next
+    use and never hits; with admission, the entries held stay and serve their share of the stream. Lookup counts
+    are per task, halved every `10 x entries held` lookups (at least 1024), so that a task that becomes hot is
+    admitted soon."""
 
     def __init__(self, backbone: Backbone, max_bytes: int) -> None:
         if backbone.is_encoder_decoder:
@@ -53,36 +56,45 @@ class PrefixKVCache:
         self.backbone = backbone
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._items: OrderedDict[Key, PromptKV] = OrderedDict()
-        self._version: dict[str, int] = {}  # task id -> the version held
+        self._items: OrderedDict[Entry, PromptKV] = OrderedDict()
+        self._held: dict[str, Entry] = {}  # task id -> the entry held for it
         self._lookups: Counter[str] = Counter()  # task id -> recent lookups (aged)
         self._since_aging = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._items
+    def __contains__(self, key: Key | Entry) -> bool:
+        return key in self._items or self._held.get(key[0], ())[:2] == key
 
-    def stacked(self, keys: Sequence[Key], prompts: Tensor) -> PromptKV:
+    def stacked(self, keys: Sequence[Key], prompts: Tensor, source_prefixes: Sequence[str] | None = None
+                ) -> PromptKV:
         """The caches of `keys` (distinct), row i for keys[i], computing the missing ones from prompts [K, n, d]
-        (row i is keys[i]'s prompt) in one forward pass."""
+        (row i is keys[i]'s prompt) and source_prefixes (row i's task's `source_prefix`; None: cache the
+        prompts alone) in one forward pass."""
+        prefixes = list(source_prefixes) if source_prefixes is not None else [""] * len(keys)
+        if len(prefixes) != len(keys):
+            raise ValueError(f"{len(prefixes)} source prefixes for {len(keys)} tasks")
+        entries = [(*k, p) for k, p in zip(keys, prefixes, strict=True)]
         self._count(keys)
-        missing = [i for i, k in enumerate(keys) if k not in self._items]
+        missing = [i for i, e in enumerate(entries) if e not in self._items]
         hits = len(keys) - len(missing)
         if hits:
             metrics.PREFIX_CACHE.labels("hit").inc(hits)
+        fresh: dict[int, PromptKV] = {}
         if missing:
             metrics.PREFIX_CACHE.labels("miss").inc(len(missing))
-        fresh = dict(zip(missing, self.backbone.prompt_kv(prompts[missing]).split(), strict=True)) if missing else {}
+            computed = self.backbone.prompt_kv(prompts[missing], [prefixes[i] for i in missing]
+                                               if source_prefixes is not None else None)
+            fresh = dict(zip(missing, computed.split(), strict=True))
         rows = []
-        for i, key in enumerate(keys):
+        for i, entry in enumerate(entries):
             if i in fresh:
                 rows.append(fresh[i])
-                self._put(key, fresh[i])
+                self._put(entry, fresh[i])
             else:
-                self._items.move_to_end(key)
-                rows.append(self._items[key])
+                self._items.move_to_end(entry)
+                rows.append(self._items[entry])
         return PromptKV.stack(rows)
 
     def _count(self, keys: Sequence[Key]) -> None:
@@ -92,10 +104,10 @@ class PrefixKVCache:
             self._lookups = Counter({k: n // 2 for k, n in self._lookups.items() if n > 1})
             self._since_aging = 0
 
-    def _put(self, key: Key, entry: PromptKV) -> None:
-        stale = self._version.get(key[0])  # key itself is missing, so a held version is an older one
+    def _put(self, key: Entry, entry: PromptKV) -> None:
+        stale = self._held.get(key[0])  # key itself is missing, so an entry held for its task is an older one
         if stale is not None:
-            self._drop((key[0], stale))  # of a retrained task
+            self._drop(stale)  # of a retrained task
         if entry.nbytes > self.max_bytes:
             return  # larger than the whole cache (or the cache is off): used once, not kept
         if self.nbytes + entry.nbytes > self.max_bytes and self._items:
@@ -104,14 +116,14 @@ class PrefixKVCache:
                 metrics.PREFIX_CACHE_REJECTED.inc()  # used for this batch, not kept
                 return
         self._items[key] = entry
-        self._version[key[0]] = key[1]
+        self._held[key[0]] = key
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
             self._drop(next(iter(self._items)))
             metrics.PREFIX_CACHE_EVICTIONS.inc()
         metrics.PREFIX_CACHE_BYTES.set(self.nbytes)
 
-    def _drop(self, key: Key) -> None:
+    def _drop(self, key: Entry) -> None:
         self.nbytes -= self._items.pop(key).nbytes
-        del self._version[key[0]]
+        del self._held[key[0]]
         metrics.PREFIX_CACHE_BYTES.set(self.nbytes)

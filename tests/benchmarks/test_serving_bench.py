@@ -42,5 +42,9 @@ def test_model_flops_count_the_body_per_token_and_the_head_per_scored_column(tin
     work = serving_bench.request_work(tiny_causal, "category", ["sports", "weather"], ["a match", "rain all day"])
     # each label is fed after the source (its EOS only scored), and the head runs there and at the source's end
     assert work.scored == work.options + 1 and work.options >= 2 and work.source > 2
-    assert work.flops(0, body, head) == 2 * body * (work.source + work.options) + 2 * head * work.scored
-    assert work.flops(20, body, head) - work.flops(0, body, head) == 2 * body * 20
+    # the cache skips the prompt and the task's source prefix ("category:", which tokenizes alone, a whole input
+    # following it), all of it
+    prefix = len(tiny_causal.tokenizer("category:").input_ids)
+    assert work.prefix == prefix and 0 < work.prefix < work.source
+    assert work.flops(20, False, body, head) == 2 * body * (20 + work.source + work.options) + 2 * head * work.scored
+    assert work.flops(20, False, body, head) - work.flops(20, True, body, head) == 2 * body * (20 + prefix)

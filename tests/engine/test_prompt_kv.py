@@ -1,5 +1,6 @@
 """The prefix KV cache of soft prompts: scores and generations with a prompt's cached keys and values equal
-those with the prompt itself, for mixed batches of many tasks, options of different lengths and generation."""
+those with the prompt itself, for mixed batches of many tasks, options of different lengths and generation, also
+when the cache holds each task's source prefix ("{name}:") after its prompt."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.prompt_kv import PromptKV
+from ipt_engine.tasks import TaskKind, source_prefix, to_text_pair
 
 SOURCES = ["the movie was great", "a long and winding review of a film that nobody liked", "ok", "so so"]
 OPTIONS = [[" positive", " negative"], [" yes", " no", " maybe not at all"], [" a", " bb bb bb"], [" x", " y"]]
@@ -79,3 +81,64 @@ def test_cache_sizes_and_refusals(tiny_causal: Backbone, tiny_seq2seq: Backbone)
         PromptKV.stack([kv, tiny_causal.prompt_kv(_prompts(tiny_causal, 1, n=5))])
     with pytest.raises(ValueError, match="seq2seq"):
         tiny_seq2seq.prompt_kv(torch.zeros(1, 3, tiny_seq2seq.hidden_size))
+
+
+NAMES = ["sentiment", "a much longer task name of many words", ""]  # source prefixes of 2, many and 1 token(s)
+
+
+def _prefixed_rows() -> tuple[list[int], list[str]]:
+    """Rows of the three tasks, mixed; the last row's source does not start with its task's prefix."""
+    rows_task = [1, 0, 2, 1, 0]
+    sources = [to_text_pair(NAMES[t], TaskKind.CLASSIFICATION, SOURCES[k % len(SOURCES)]).source
+               for k, t in enumerate(rows_task[:-1])]
+    return rows_task, [*sources, "no prefix here: " + SOURCES[0]]
+
+
+def test_source_prefixes_cached_after_the_prompts_give_the_scores_of_the_prompts(tiny_causal: Backbone) -> None:
+    per_task = _prompts(tiny_causal, 3)
+    rows_task, sources = _prefixed_rows()
+    options = [OPTIONS[k % len(OPTIONS)] for k in range(len(sources))]
+    kv = tiny_causal.prompt_kv(per_task, [source_prefix(name) for name in NAMES])
+    lengths = [len(tiny_causal.tokenizer(source_prefix(name)).input_ids) for name in NAMES]
+    assert kv.n_prompt == 3 and kv.lengths == tuple(3 + k for k in lengths) and kv.width == 3 + max(lengths)
+    assert len(set(kv.lengths)) == 3  # rows of different widths, padded
+    expected = tiny_causal.score_options(per_task[rows_task], sources, options)
+    got = tiny_causal.score_options(None, sources, options, prompt_kv=kv.select(rows_task))
+    stacked = PromptKV.stack([tiny_causal.prompt_kv(per_task[t:t + 1], [source_prefix(NAMES[t])]) for t in rows_task])
+    again = tiny_causal.score_options(None, sources, options, prompt_kv=stacked)
+    for e, g, a in zip(expected, got, again, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4)
+        assert torch.allclose(e.log_likelihoods, a.log_likelihoods, atol=1e-4)
+        assert torch.equal(e.num_tokens, g.num_tokens)
+    # the cached prefix positions are used (not recomputed): spoil them, and only the rows that skip them change
+    spoiled = PromptKV(tuple(k.clone() for k in kv.keys), tuple(v.clone() for v in kv.values), kv.n_prompt,
+                       kv.source_prefixes)
+    for v in spoiled.values:
+        v[:, :, kv.n_prompt:] += 1.0
+    changed = tiny_causal.score_options(None, sources, options, prompt_kv=spoiled.select(rows_task))
+    moved = [not torch.allclose(e.log_likelihoods, c.log_likelihoods, atol=1e-4)
+             for e, c in zip(expected, changed, strict=True)]
+    assert moved == [True, True, True, True, False]
+
+
+def test_generation_with_cached_source_prefixes_equals_generation_with_the_prompts(tiny_causal: Backbone) -> None:
+    per_task = _prompts(tiny_causal, 3, seed=2) * 4
+    rows_task, sources = _prefixed_rows()
+    kv = tiny_causal.prompt_kv(per_task, [source_prefix(name) for name in NAMES]).select(rows_task)
+    expected = tiny_causal.generate(per_task[rows_task], sources, max_new_tokens=6)
+    assert tiny_causal.generate(None, sources, max_new_tokens=6, prompt_kv=kv) == expected
+
+
+def test_split_and_stack_keep_each_rows_own_positions(tiny_causal: Backbone) -> None:
+    kv = tiny_causal.prompt_kv(_prompts(tiny_causal, 3), [source_prefix(name) for name in NAMES])
+    rows = kv.split()
+    assert [r.width for r in rows] == list(kv.lengths)  # no padding kept per row
+    assert sum(r.nbytes for r in rows) < kv.nbytes
+    back = PromptKV.stack(rows)
+    assert back.source_prefixes == kv.source_prefixes
+    for a, b in zip(back.keys, kv.keys, strict=True):
+        assert torch.equal(a, b)  # padding positions are zeros in both
+    assert kv.prompt_only().width == 3 and kv.prompt_only().lengths == (3, 3, 3)
+    assert kv.select([2, 2]).width == kv.lengths[2]  # trimmed to the widest selected row
+    with pytest.raises(ValueError, match="2 source prefixes for 3 prompts"):
+        tiny_causal.prompt_kv(_prompts(tiny_causal, 3), NAMES[:2])

@@ -149,3 +149,26 @@ def test_prompt_cache_gives_the_same_scores_and_answers(real_backbone: Backbone)
         assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4), (e.log_likelihoods, g.log_likelihoods)
     answers = real_backbone.generate(per_task[rows_task], sources, max_new_tokens=8)
     assert real_backbone.generate(None, sources, max_new_tokens=8, prompt_kv=kv) == answers
+
+
+
+def test_prompt_cache_with_task_name_prefixes_gives_the_same_scores(real_backbone: Backbone) -> None:
+    """SmolLM2 with each task's prompt and source prefix ("{name}:", names of 3 to 6 tokens) cached: the served
+    sources skip those tokens and score as with the prompts (to 1e-4), in a batch mixing three tasks."""
+    from ipt_engine.tasks import TaskKind, source_prefix, to_text_pair
+
+    names = ["sentiment", "banking77 intent", "movie review topic"]
+    per_task = torch.randn(3, 20, real_backbone.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.02
+    rows_task = [2, 0, 1, 0]
+    inputs = ["the battery died after a day", "how do I top up my card?", "a heist film with a twist", "loved it"]
+    sources = [to_text_pair(names[t], TaskKind.CLASSIFICATION, x).source
+               for t, x in zip(rows_task, inputs, strict=True)]
+    options = [[" drama", " comedy"], [" positive", " negative"], [" top_up", " card_lost", " refund"],
+               [" positive", " negative"]]
+    kv = real_backbone.prompt_kv(per_task, [source_prefix(n) for n in names])
+    assert sorted(kv.lengths) == sorted(20 + len(real_backbone.tokenizer(source_prefix(n)).input_ids) for n in names)
+    assert len(set(kv.lengths)) == 3
+    expected = real_backbone.score_options(per_task[rows_task], sources, options)
+    got = real_backbone.score_options(None, sources, options, prompt_kv=kv.select(rows_task))
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e.log_likelihoods, g.log_likelihoods, atol=1e-4), (e.log_likelihoods, g.log_likelihoods)

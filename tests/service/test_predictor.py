@@ -81,7 +81,24 @@ def test_prefix_cache_gives_the_answers_of_the_prompts(tiny_causal: Backbone) ->
                 if a is not None:
                     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
     assert _counter(metrics.PREFIX_CACHE, "miss") - misses == 3 and _counter(metrics.PREFIX_CACHE, "hit") - hits == 3
-    assert len(cache) == 3 and cache.nbytes == 3 * cache.stacked([("a", 1)], torch.zeros(1, 2, 1)).nbytes
+    # each entry holds its task's prompt and source prefix ("{name}:") positions
+    held = [tiny_causal.prompt_kv(items[i].prompt[None], [items[i].head.source_prefix]).nbytes for i in (0, 1, 2)]
+    prompt_only = tiny_causal.prompt_kv(items[0].prompt[None]).nbytes
+    assert len(cache) == 3 and cache.nbytes == sum(held) and min(held) > prompt_only
+
+
+def test_prefix_cache_entries_are_keyed_by_the_source_prefix_too(tiny_causal: Backbone) -> None:
+    prompts = torch.randn(1, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(5))
+    cache = PrefixKVCache(tiny_causal, max_bytes=2**20)
+    first = cache.stacked([("a", 1)], prompts, ["sentiment:"])
+    assert ("a", 1) in cache and first.source_prefixes == (tuple(tiny_causal.tokenizer("sentiment:").input_ids),)
+    # the same task and version with another source prefix is not served the old entry, which it replaces
+    other = cache.stacked([("a", 1)], prompts, ["a renamed task:"])
+    assert other.source_prefixes == (tuple(tiny_causal.tokenizer("a renamed task:").input_ids),)
+    assert len(cache) == 1 and cache.nbytes == other.nbytes
+    assert cache.stacked([("a", 1)], prompts).width == 2  # no prefix: the prompt alone
+    with pytest.raises(ValueError, match="2 source prefixes for 1 tasks"):
+        cache.stacked([("a", 1)], prompts, ["x:", "y:"])
 
 
 def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone) -> None:
