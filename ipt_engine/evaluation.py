@@ -106,8 +106,8 @@ def score_predictions(task: Task, examples: Sequence[Example], predictions: Sequ
 
 PROMPT_KV_ROWS = 256
 """Rows answered per group of tasks whose prompts run through the model once (`predict_with_prompts`): each row
-gets a copy of its task's keys and values, 0.92 MB for SmolLM2's 20-token prompt in fp32, so a group holds
-about 0.24 GB."""
+gets a copy of its task's keys and values, 0.92 MB for SmolLM2's 20-token prompt in fp32 (+46 KB per token of
+the task's source prefix), so a group holds about 0.25-0.3 GB."""
 
 
 def predict_with_prompts(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequence[Sequence[Example]],
