@@ -25,6 +25,12 @@ class LoadResult:
     examples: int
     client_cpu: float = 0.0
 
+    @staticmethod
+    def pooled(runs: Sequence[LoadResult]) -> LoadResult:
+        """Several runs of one configuration as one: their requests together, their wall times added."""
+        return LoadResult([t for r in runs for t in r.latencies], sum(r.wall for r in runs),
+                          sum(r.examples for r in runs), sum(r.client_cpu for r in runs))
+
     @property
     def client_cpu_per_request(self) -> float:
         """Seconds of the client's CPU per request."""
@@ -89,6 +95,9 @@ class BatchStats:
 
     def since(self, earlier: BatchStats) -> BatchStats:
         return BatchStats(self.forwards - earlier.forwards, self.inputs - earlier.inputs, self.tasks - earlier.tasks)
+
+    def __add__(self, other: BatchStats) -> BatchStats:
+        return BatchStats(self.forwards + other.forwards, self.inputs + other.inputs, self.tasks + other.tasks)
 
     @property
     def mean_inputs(self) -> float:

@@ -12,7 +12,7 @@ def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     docs = tmp_path / "benchmarks.md"
     # a 50 ms batching window, so that concurrent requests do share forward passes even on a busy machine
     report = serving_bench.main(["--quick", "--tasks", "1,8,64", "--requests", "32", "--concurrency", "16",
-                                 "--max-wait-ms", "50", "--write-docs", str(docs)])
+                                 "--max-wait-ms", "50", "--rounds", "2", "--write-docs", str(docs)])
     out = capsys.readouterr().out
     for row in ("batched server, 1 task in the stream", "batched server, 64 tasks in the stream",
                 "one request per forward (IPT_BATCH_MAX_SIZE=1), 64 tasks", "bare PLM (engine, no prompt), batch 32"):
@@ -24,6 +24,10 @@ def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert finite_positive([v["per_request_throughput"], v["bare_1"], v["bare_batch"], v["bare_gain"]])
     assert finite_positive([v["engine_prefix_cache_gain"], v["client_cpu_per_request"]])
     assert v["client_cpu_per_request"] < 0.005  # the load client must not take the server's CPU (httpx: ~9 ms)
+    # two interleaved rounds of 32 requests pooled per batched configuration
+    assert len(v["prefix_cache_gain_per_round"]) == 2 and finite_positive(v["prefix_cache_gain_per_round"])
+    assert min(v["prefix_cache_gain_per_round"]) <= v["prefix_cache_gain"] <= max(v["prefix_cache_gain_per_round"])
+    assert "2 interleaved round(s)" in out
     # the predictor's own histograms: one task per forward for a one-task stream, several for a mixed one
     assert v["tasks_per_forward_1"] == 1.0
     assert 1.0 < v["tasks_per_forward_64"] <= v["inputs_per_forward_64"] <= 32
