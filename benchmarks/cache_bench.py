@@ -48,6 +48,7 @@ def lookups(counter: object) -> tuple[float, float]:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
+    from ipt_engine.tasks import source_prefix
     from service import metrics
     from service.redis_connection import connect
     from service.runtime import load_runtime, reset_runtime
@@ -92,12 +93,14 @@ def main(argv: Sequence[str] | None = None) -> Report:
             projb = timed(lambda: runtime.subspace.decode(z), args.projb_repeats, device)
         projb_s = median(projb)
         prompt = runtime.subspace.decode(z).detach()
-        kv_times = timed(lambda: runtime.backbone.prompt_kv(prompt), args.projb_repeats, device) if prefix_on else []
+        kv_times = timed(lambda: runtime.backbone.prompt_kv(prompt, [source_prefix(name)]), args.projb_repeats,
+                         device) if prefix_on else []
         config = runtime.subspace.config
         prompt_bytes = config.n_prompt * config.d_model * runtime.backbone.dtype.itemsize
         projb_params = sum(p.numel() for p in runtime.subspace.proj_b.parameters())
 
-        missed = "Proj_b(z) and the prompt's keys and values computed" if prefix_on else "Proj_b(z) computed"
+        missed = ("Proj_b(z) and the keys and values of the prompt and the task's source prefix computed" if prefix_on
+                  else "Proj_b(z) computed")
         report = Report(
             "cache_bench", "Per-task caches: predict on a miss vs a hit", device_kind(device),
             context=[
@@ -121,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report.add("Proj_b share of a predict on a miss (Proj_b p50 / miss p50)", f"{share_miss:.1%}", "-", "-")
         report.add("Proj_b share of a predict on a hit", "0% (not computed)", "-", "-")
         if prefix_on:
-            report.add(f"the prompt's keys and values alone, one task ({args.projb_repeats} calls)",
+            report.add(f"the keys and values of the prompt + source prefix alone, one task ({args.projb_repeats} "
+                       "calls)",
                        ms(median(kv_times)), ms(pct(kv_times, 99)), ms(mean(kv_times)))
         report.notes += [
             f"a cached prompt holds n x d = {config.n_prompt} x {config.d_model} values: {prompt_bytes / 1e6:.2f} MB; "

@@ -9,7 +9,8 @@ from tests.benchmarks.conftest import finite_positive
 def test_cache_bench_quick(capsys: pytest.CaptureFixture[str]) -> None:
     report = cache_bench.main(["--quick", "--requests", "6", "--projb-repeats", "5"])
     out = capsys.readouterr().out
-    assert "| predict, cache miss (a task's first request: Proj_b(z) and the prompt's keys and values" in out
+    assert ("| predict, cache miss (a task's first request: Proj_b(z) and the keys and values of the prompt and the "
+            "task's source prefix computed)") in out
     assert "| predict, cache hit (the task's second request)" in out
     v = report.values
     assert v["misses"] == v["hits"] == v["pairs"] == 6  # counted by the app itself, for both caches
