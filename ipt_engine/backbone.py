@@ -277,8 +277,7 @@ class Backbone:
         if len(source_prefixes) != emb.shape[0]:
             raise ValueError(f"{len(source_prefixes)} source prefixes for {emb.shape[0]} prompts")
         budget = self.max_length - n - 1  # at least one source token of a row must still fit after the prefix
-        prefixes = [tuple(self.tokenizer(p, add_special_tokens=True).input_ids[:max(budget, 0)])
-                    for p in source_prefixes]
+        prefixes = [self._source_prefix_ids(p)[:max(budget, 0)] for p in source_prefixes]
         ids, tok_mask = self._pad([list(p) for p in prefixes])  # right padding: a row's real positions come first
         emb = torch.cat([emb, self.model.get_input_embeddings()(ids.to(self.device))], dim=1)
         mask = torch.cat([torch.ones(emb.shape[0], n, dtype=torch.long, device=self.device), tok_mask], dim=1)
@@ -286,6 +285,16 @@ class Backbone:
         return PromptKV.from_cache(cache, n, prefixes)
 
     # ------------------------------------------------------------------------------------- internals
+    def _source_prefix_ids(self, prefix: str) -> tuple[int, ...]:
+        """The tokens every source starting with `prefix` starts with: those of the prefix alone that the prefix
+        followed by more text keeps (a tokenizer may end a text with EOS, or merge its last token with the next)."""
+        alone = self.tokenizer(prefix, add_special_tokens=True).input_ids
+        followed = self.tokenizer(prefix + " x", add_special_tokens=True).input_ids
+        k = 0
+        while k < min(len(alone), len(followed)) and alone[k] == followed[k]:
+            k += 1
+        return tuple(alone[:k])
+
     def _check_prompt_inputs(self, prompts: Tensor | None, prompt_kv: PromptKV | None, batch: int) -> int:
         """Check prompts or their cache for `batch` rows; returns the prompt length n (0 without a prompt)."""
         if prompt_kv is None:

@@ -142,3 +142,26 @@ def test_split_and_stack_keep_each_rows_own_positions(tiny_causal: Backbone) -> 
     assert kv.select([2, 2]).width == kv.lengths[2]  # trimmed to the widest selected row
     with pytest.raises(ValueError, match="2 source prefixes for 3 prompts"):
         tiny_causal.prompt_kv(_prompts(tiny_causal, 3), NAMES[:2])
+
+
+def test_a_tokenizer_that_ends_every_text_with_eos_still_shares_the_prefix(tiny_causal: Backbone) -> None:
+    """The cached prefix is what sources starting with it keep: not the EOS such a tokenizer ends "name:" with."""
+    from tokenizers import processors
+
+    from ipt_engine.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    eos = tok.convert_tokens_to_ids("</s>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    assert tok("sentiment:").input_ids[-1] == eos
+    plain, tiny_causal.tokenizer = tiny_causal.tokenizer, tok
+    try:
+        prompts = _prompts(tiny_causal, 1)
+        kv = tiny_causal.prompt_kv(prompts, ["sentiment:"])
+        assert kv.source_prefixes == (tuple(tok("sentiment:").input_ids[:-1]),)
+        sources = [to_text_pair("sentiment", TaskKind.CLASSIFICATION, SOURCES[0]).source]
+        expected = tiny_causal.score_options(prompts, sources, OPTIONS[:1])
+        got = tiny_causal.score_options(None, sources, OPTIONS[:1], prompt_kv=kv)
+        assert torch.allclose(expected[0].log_likelihoods, got[0].log_likelihoods, atol=1e-4)
+    finally:
+        tiny_causal.tokenizer = plain
