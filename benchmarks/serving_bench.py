@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
         # would miss every time); its bytes per task are reported below
         name, labels, inputs = category_inputs()
-        per_task_kv = runtime.backbone.prompt_kv(
+        per_task_kv = 0 if runtime.backbone.is_encoder_decoder else runtime.backbone.prompt_kv(  # seq2seq: no cache
             torch.zeros(1, runtime.subspace.config.n_prompt, runtime.backbone.hidden_size, device=device),
             [source_prefix(name)]).nbytes
         settings = settings.model_copy(update={"prefix_cache_bytes": per_task_kv * (counts[-1] + 1)})
@@ -349,30 +349,35 @@ def main(argv: Sequence[str] | None = None) -> Report:
         report.values.update({"prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
                               "matmul_peak_flops": peak, "prefix_cache_bytes_per_task": per_task_kv,
                               "prefix_cache_bytes_held": kv_held, "peak_rss_bytes": peak_rss})
-        report.context.append(
-            f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions and the "
-            f"{work.prefix:.0f} tokens of the task's source prefix '{source_prefix(name)}'), filled with the "
-            f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held; peak RSS of this process, "
-            f"which serves the app, with them: {peak_rss / 1e9:.2f} GB); matmul peak measured "
-            f"here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request feeds ~"
-            f"{work.tokens(n_prompt, True):.0f} tokens with the cache (the source past its prefix + {work.options} "
-            f"option tokens), ~{work.tokens(n_prompt, False):.0f} without ({n_prompt} prompt + {work.source:.0f} "
-            f"source + {work.options} option tokens), and the LM head runs at {work.scored} positions, all of a row's "
-            "options in its one pass")
-        bound = work.flops(n_prompt, False, body, head) / work.flops(n_prompt, True, body, head)
-        kv_met = "met" if kv_gain >= PREFIX_CACHE_TARGET else "NOT met"
-        per_round = ", ".join(f"{g:.2f}x" for g in round_gains)
-        report.values["prefix_cache_gain_per_round"] = round_gains
-        report.notes.insert(0, f"prefix KV cache, {counts[-1]} tasks: {kv_gain:.2f}x the throughput without it "
-                               f"(target >= {PREFIX_CACHE_TARGET}x: {kv_met}; rounds: {per_round}); p50 latency "
-                               f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt "
-                               f"and the source prefix can give on this request mix is its model FLOPs without the "
-                               f"cache over those with it = "
-                               f"{bound:.2f}x, less the attention to the cached positions and the padding"
-                               + (f"; the engine alone (no HTTP, one task, batch {batch}) gains {kv_b / one_b:.2f}x"
-                                  if kv_held else ""))
         if kv_held:
+            report.context.append(
+                f"prefix KV cache: {per_task_kv / 1e6:.2f} MB per task ({n_prompt} prompt positions and the "
+                f"{work.prefix:.0f} tokens of the task's source prefix '{source_prefix(name)}'), filled with the "
+                f"stream's tasks before timing ({kv_fill_s:.1f} s; {kv_held / 1e9:.2f} GB held; peak RSS of this "
+                f"process, which serves the app, with them: {peak_rss / 1e9:.2f} GB)")
+        else:
+            report.context.append("prefix KV cache: none (a seq2seq backbone: its encoder attends both ways, so "
+                                  "a prompt's states depend on the input)")
+        report.context.append(
+            f"matmul peak measured here: {peak / 1e9:.0f} GFLOP/s ({runtime.backbone.dtype}, 2048^2); a request "
+            f"feeds ~{work.tokens(n_prompt, bool(kv_held)):.0f} tokens"
+            + (f" with the cache (the source past its prefix + {work.options} option tokens), "
+               f"~{work.tokens(n_prompt, False):.0f} without" if kv_held else "")
+            + f" ({n_prompt} prompt + {work.source:.0f} source + {work.options} option tokens), and the LM head runs "
+            f"at {work.scored} positions, all of a row's options in its one pass")
+        if kv_held:
+            bound = work.flops(n_prompt, False, body, head) / work.flops(n_prompt, True, body, head)
+            kv_met = "met" if kv_gain >= PREFIX_CACHE_TARGET else "NOT met"
+            per_round = ", ".join(f"{g:.2f}x" for g in round_gains)
+            report.values["prefix_cache_gain_per_round"] = round_gains
             report.values["engine_prefix_cache_gain"] = kv_b / one_b
+            report.notes.insert(
+                0, f"prefix KV cache, {counts[-1]} tasks: {kv_gain:.2f}x the throughput without it (target >= "
+                   f"{PREFIX_CACHE_TARGET}x: {kv_met}; rounds: {per_round}); p50 latency "
+                   f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt and the source "
+                   f"prefix can give on this request mix is its model FLOPs without the cache over those with it = "
+                   f"{bound:.2f}x, less the attention to the cached positions and the padding; the engine alone (no "
+                   f"HTTP, one task, batch {batch}) gains {kv_b / one_b:.2f}x")
         mixed_gain = most / per_request_result.throughput
         measured = [r for r, _, _ in batched.values()] + [no_kv, per_request_result]
         client_cpu = sum(r.client_cpu for r in measured) / sum(len(r.latencies) for r in measured)

@@ -38,6 +38,16 @@ def test_serving_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "<!-- serving_bench:cpu start -->" in text and "- machine: " in text and "- date: " in text
 
 
+def test_a_seq2seq_backbone_is_served_without_a_prefix_cache(tiny_model_dirs, capsys) -> None:  # type: ignore[no-untyped-def]
+    report = serving_bench.main(["--backbone", str(tiny_model_dirs["bart"]), "--subspace", "random", "--n-prompt", "4",
+                                 "--d-intrinsic", "8", "--d-hidden", "16", "--tasks", "1,8", "--requests", "16",
+                                 "--concurrency", "8", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "- prefix KV cache: none (a seq2seq backbone" in out and "prefix KV cache, 8 tasks:" not in out
+    assert report.values["prefix_cache_bytes_held"] == 0 and "prefix_cache_gain_per_round" not in report.values
+    assert finite_positive([report.values["throughput_8"], report.values["no_prefix_cache_throughput"]])
+
+
 def test_model_flops_count_the_body_per_token_and_the_head_per_scored_column(tiny_causal) -> None:  # type: ignore[no-untyped-def]
     body, head = serving_bench.model_parameters(tiny_causal)
     named = dict(tiny_causal.model.named_parameters())
