@@ -95,9 +95,7 @@ def timed_run(base: str, stream: Sequence[tuple[str, dict[str, object]]], concur
 def pooled(runs: Sequence[Measured]) -> Measured:
     """Rounds of one configuration as one run (requests together, wall times and batches added)."""
     result = LoadResult.pooled([r for r, _, _ in runs])
-    stats = BatchStats()
-    for _, s, _ in runs:
-        stats = stats + s
+    stats = sum((s for _, s, _ in runs), BatchStats())
     return result, stats, sum(b * r.wall for r, _, b in runs) / result.wall
 
 

@@ -270,14 +270,11 @@ class Backbone:
         self._check_prompts(prompts, prompts.shape[0])
         emb = prompts.to(self.device, self.dtype)
         n = emb.shape[1]
-        if source_prefixes is None:
-            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=self.device)
-            _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
-            return PromptKV.from_cache(cache)
-        if len(source_prefixes) != emb.shape[0]:
+        if source_prefixes is not None and len(source_prefixes) != emb.shape[0]:
             raise ValueError(f"{len(source_prefixes)} source prefixes for {emb.shape[0]} prompts")
         budget = self.max_length - n - 1  # at least one source token of a row must still fit after the prefix
-        prefixes = [self._source_prefix_ids(p)[:max(budget, 0)] for p in source_prefixes]
+        prefixes = ([self._source_prefix_ids(p)[:max(budget, 0)] for p in source_prefixes]
+                    if source_prefixes is not None else [()] * emb.shape[0])
         ids, tok_mask = self._pad([list(p) for p in prefixes])  # right padding: a row's real positions come first
         emb = torch.cat([emb, self.model.get_input_embeddings()(ids.to(self.device))], dim=1)
         mask = torch.cat([torch.ones(emb.shape[0], n, dtype=torch.long, device=self.device), tok_mask], dim=1)

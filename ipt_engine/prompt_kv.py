@@ -119,8 +119,8 @@ class PromptKV:
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         prefixes = tuple(tuple(p) for p in source_prefixes)
-        if prefixes and n_prompt >= 0:
-            width = keys[0].shape[2]
+        width = keys[0].shape[2]
+        if prefixes and n_prompt >= 0 and min(n_prompt + len(p) for p in prefixes) < width:
             lengths = torch.tensor([n_prompt + len(p) for p in prefixes], device=keys[0].device)
             real = (torch.arange(width, device=keys[0].device)[None] < lengths[:, None])[:, None, :, None]
             keys = tuple(k.masked_fill(~real, 0) for k in keys)

@@ -65,7 +65,7 @@ class PrefixKVCache:
         return len(self._items)
 
     def __contains__(self, key: Key | Entry) -> bool:
-        return key in self._items or self._held.get(key[0], ())[:2] == key
+        return self._held.get(key[0], ())[:len(key)] == key  # an entry held is the one entry of its task
 
     def stacked(self, keys: Sequence[Key], prompts: Tensor, source_prefixes: Sequence[str] | None = None
                 ) -> PromptKV:
