@@ -365,16 +365,20 @@ class Backbone:
         """Causal LMs: one forward pass per chunk of rows scores every option of those rows (`option_packing`).
 
         A row with k options of T tokens costs n + S + k (T - 1) tokens instead of k (n + S + T). `rows` holds one
-        entry per (row, option); entries of one row are contiguous. Rows are sorted by packed width and cut into
-        passes of at most `max_batch_tokens` tokens (rows x (n + widest row)). Returns `sums` with each option's
-        log-likelihood put in (out of place, so that gradients flow to the prompts).
+        entry per (row, option); entries of one row are contiguous. Rows that need more than one pass are sorted by
+        packed width and cut into passes of at most `max_batch_tokens` tokens (rows x (n + widest row)). Returns
+        `sums` with each option's log-likelihood put in (out of place, so that gradients flow to the prompts).
         """
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(rows):
             groups.setdefault(r.prompt_row, []).append(k)
         width = {i: packed_width(rows[ks[0]].source, [rows[k].target for k in ks]) for i, ks in groups.items()}
+        if len(groups) * (n + max(width.values())) <= self.max_batch_tokens:
+            order = list(groups)  # one pass: rows keep their order (a cached batch then needs no reordered copy)
+        else:
+            order = sorted(groups, key=lambda i: width[i])
         chunk: list[int] = []
-        for i in sorted(groups, key=lambda i: width[i]):
+        for i in order:
             if chunk and (len(chunk) + 1) * (n + width[i]) > self.max_batch_tokens:
                 sums = self._score_packed_chunk(prompts, chunk, rows, groups, n, sums, prompt_kv)
                 chunk = []

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class PromptKV:
         rows = [int(i) for i in torch.as_tensor(index, dtype=torch.long).reshape(-1)]
         prefixes = tuple(self.source_prefixes[i] for i in rows)
         width = self.n_prompt + max((len(p) for p in prefixes), default=0)
+        if rows == list(range(self.batch)) and width == self.width:
+            return self  # every row in its place: no copy (a served batch, one row per task, in order)
         idx = torch.tensor(rows, dtype=torch.long, device=self.keys[0].device)
         return PromptKV(tuple(k.index_select(0, idx)[:, :, :width] for k in self.keys),
                         tuple(v.index_select(0, idx)[:, :, :width] for v in self.values), self.n_prompt, prefixes)
@@ -107,9 +110,13 @@ class PromptKV:
                         rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
 
     def to_cache(self) -> DynamicCache:
-        """A fresh transformers cache holding these keys and values (the model appends to it in place, so
-        each forward gets its own)."""
-        return DynamicCache(list(zip(self.keys, self.values, strict=True)))
+        """A fresh transformers cache holding these keys and values (the model appends to it, so each forward
+        gets its own). The layers hold these very tensors: DynamicCache's own constructor would copy each one
+        (its first update concatenates it to an empty tensor), and a forward's concatenation never writes into
+        them."""
+        cache = DynamicCache()
+        cache.layers = [_held_layer(k, v) for k, v in zip(self.keys, self.values, strict=True)]
+        return cache
 
     @staticmethod
     def from_cache(cache: DynamicCache, n_prompt: int = -1,
@@ -126,3 +133,11 @@ class PromptKV:
             keys = tuple(k.masked_fill(~real, 0) for k in keys)
             values = tuple(v.masked_fill(~real, 0) for v in values)
         return PromptKV(keys, values, n_prompt, prefixes)
+
+
+def _held_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
+    """A cache layer that starts out holding `keys` and `values` [batch, kv_heads, width, head_dim], uncopied."""
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer

@@ -165,3 +165,23 @@ def test_a_tokenizer_that_ends_every_text_with_eos_still_shares_the_prefix(tiny_
         assert torch.allclose(expected[0].log_likelihoods, got[0].log_likelihoods, atol=1e-4)
     finally:
         tiny_causal.tokenizer = plain
+
+
+def test_a_forward_on_the_cache_reads_its_tensors_uncopied_and_leaves_them_unchanged(tiny_causal: Backbone) -> None:
+    prompts = _prompts(tiny_causal, 4, seed=3)
+    kv = tiny_causal.prompt_kv(prompts, [source_prefix(f"task{i}") for i in range(4)])
+    held = [t.clone() for t in (*kv.keys, *kv.values)]
+    cache = kv.to_cache()
+    assert [layer.keys.data_ptr() for layer in cache.layers] == [k.data_ptr() for k in kv.keys]
+    assert cache.get_seq_length() == kv.width
+    assert kv.select(range(4)) is kv  # rows in place: no copy
+    assert kv.select([1, 0, 2, 3]) is not kv
+    sources = [to_text_pair(f"task{i}", TaskKind.CLASSIFICATION, s).source for i, s in enumerate(SOURCES)]
+    first = tiny_causal.score_options(None, sources, OPTIONS, prompt_kv=kv)
+    again = tiny_causal.score_options(None, sources, OPTIONS, prompt_kv=kv)
+    tiny_causal.generate(None, sources, max_new_tokens=3, prompt_kv=kv)
+    assert all(torch.equal(a, b) for a, b in zip(held, (*kv.keys, *kv.values), strict=True))
+    expected = tiny_causal.score_options(prompts, sources, OPTIONS)
+    for e, f, g in zip(expected, first, again, strict=True):
+        assert torch.allclose(e.log_likelihoods, f.log_likelihoods, atol=1e-4)
+        assert torch.equal(f.log_likelihoods, g.log_likelihoods)
