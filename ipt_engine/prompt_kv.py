@@ -100,13 +100,26 @@ class PromptKV:
         if len(shapes) != 1:
             raise ValueError(f"prompt caches of different shapes (n, layers) cannot stack: {sorted(shapes)}")
         width = max(r.width for r in rows)
+        batch = sum(r.batch for r in rows)
 
-        def padded(t: Tensor) -> Tensor:
-            return t if t.shape[2] == width else torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
+        def stacked(parts: list[Tensor]) -> Tensor:
+            """One layer's rows [b_i, h, w_i, d] into [batch, h, width, d]: each copied once, straight into place
+            (padding each to the width first and then concatenating copied the padded rows twice)."""
+            if all(t.shape[2] == width for t in parts):
+                return torch.cat(parts)
+            out = parts[0].new_empty(batch, parts[0].shape[1], width, parts[0].shape[3])
+            begin = 0
+            for t in parts:
+                end, w = begin + t.shape[0], t.shape[2]
+                out[begin:end, :, :w] = t
+                if w < width:
+                    out[begin:end, :, w:] = 0
+                begin = end
+            return out
 
         layers = len(rows[0].keys)
-        return PromptKV(tuple(torch.cat([padded(r.keys[i]) for r in rows]) for i in range(layers)),
-                        tuple(torch.cat([padded(r.values[i]) for r in rows]) for i in range(layers)),
+        return PromptKV(tuple(stacked([r.keys[i] for r in rows]) for i in range(layers)),
+                        tuple(stacked([r.values[i] for r in rows]) for i in range(layers)),
                         rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
 
     def to_cache(self) -> DynamicCache:

@@ -138,6 +138,8 @@ def test_split_and_stack_keep_each_rows_own_positions(tiny_causal: Backbone) -> 
     assert back.source_prefixes == kv.source_prefixes
     for a, b in zip(back.keys, kv.keys, strict=True):
         assert torch.equal(a, b)  # padding positions are zeros in both
+    mixed = PromptKV.stack([kv.select([0, 1]), rows[2]])  # a two-row part (padded inside) and a row of its own
+    assert all(torch.equal(a, b) for a, b in zip((*mixed.keys, *mixed.values), (*kv.keys, *kv.values), strict=True))
     assert kv.prompt_only().width == 3 and kv.prompt_only().lengths == (3, 3, 3)
     assert kv.select([2, 2]).width == kv.lengths[2]  # trimmed to the widest selected row
     with pytest.raises(ValueError, match="2 source prefixes for 3 prompts"):
