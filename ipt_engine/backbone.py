@@ -404,7 +404,7 @@ class Backbone:
             mask = packed.cached_attention_mask(torch.arange(kv.width)[None] < seen[:, None])
             states, _ = self._causal_states(input_ids=ids, attention_mask=self._model_mask(mask),
                                             position_ids=(seen[:, None] + packed.positions).to(self.device),
-                                            cache=kv.to_cache(), use_cache=True)
+                                            cache=kv.to_cache(grow=False), use_cache=True)
             offset = 0  # states start at the first source column
         else:
             emb = self.model.get_input_embeddings()(ids)

@@ -122,13 +122,17 @@ class PromptKV:
                         tuple(stacked([r.values[i] for r in rows]) for i in range(layers)),
                         rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
 
-    def to_cache(self) -> DynamicCache:
-        """A fresh transformers cache holding these keys and values (the model appends to it, so each forward
-        gets its own). The layers hold these very tensors: DynamicCache's own constructor would copy each one
-        (its first update concatenates it to an empty tensor), and a forward's concatenation never writes into
-        them."""
+    def to_cache(self, grow: bool = True) -> DynamicCache:
+        """A fresh transformers cache holding these keys and values, for one forward pass. The layers hold these
+        very tensors (DynamicCache's own constructor would copy each: its first update concatenates it to an empty
+        tensor), and no pass writes into them.
+
+        grow: the pass appends its own keys and values, as decoding needs. Without, each layer hands its
+        attention the cached positions and the pass's own but keeps none of them: a scoring pass then holds one
+        layer's concatenation at a time, not all of them until it ends (for 32 served rows of SmolLM2, ~60 MB)."""
+        layer = DynamicLayer if grow else _ReadOnlyLayer
         cache = DynamicCache()
-        cache.layers = [_held_layer(k, v) for k, v in zip(self.keys, self.values, strict=True)]
+        cache.layers = [_held(layer(), k, v) for k, v in zip(self.keys, self.values, strict=True)]
         return cache
 
     @staticmethod
@@ -148,9 +152,17 @@ class PromptKV:
         return PromptKV(keys, values, n_prompt, prefixes)
 
 
-def _held_layer(keys: Tensor, values: Tensor) -> DynamicLayer:
-    """A cache layer that starts out holding `keys` and `values` [batch, kv_heads, width, head_dim], uncopied."""
-    layer = DynamicLayer()
+class _ReadOnlyLayer(DynamicLayer):
+    """A cache layer for a pass that reads the cached positions and appends nothing: `update` returns the cached
+    keys and values followed by the pass's own and keeps only the cached ones."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: object, **kwargs: object
+               ) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def _held(layer: DynamicLayer, keys: Tensor, values: Tensor) -> DynamicLayer:
+    """`layer`, holding `keys` and `values` [batch, kv_heads, width, head_dim] uncopied."""
     layer.lazy_initialization(keys, values)
     layer.keys, layer.values = keys, values
     return layer

@@ -176,6 +176,14 @@ def test_a_forward_on_the_cache_reads_its_tensors_uncopied_and_leaves_them_uncha
     cache = kv.to_cache()
     assert [layer.keys.data_ptr() for layer in cache.layers] == [k.data_ptr() for k in kv.keys]
     assert cache.get_seq_length() == kv.width
+    # a scoring pass's cache hands attention the cached positions and the new ones, and keeps only the cached
+    new = torch.ones(4, kv.keys[0].shape[1], 2, kv.keys[0].shape[3])
+    read_only = kv.to_cache(grow=False)
+    keys, values = read_only.update(new, new, 0)
+    assert keys.shape[2] == values.shape[2] == kv.width + 2 and torch.equal(keys[:, :, :kv.width], kv.keys[0])
+    assert read_only.get_seq_length() == kv.width and read_only.layers[0].keys is kv.keys[0]
+    cache.update(new, new, 0)
+    assert cache.get_seq_length() == kv.width + 2  # a decoding pass's cache grows
     assert kv.select(range(4)) is kv  # rows in place: no copy
     assert kv.select([1, 0, 2, 3]) is not kv
     sources = [to_text_pair(f"task{i}", TaskKind.CLASSIFICATION, s).source for i, s in enumerate(SOURCES)]
