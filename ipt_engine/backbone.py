@@ -281,6 +281,25 @@ class Backbone:
         _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
         return PromptKV.from_cache(cache, n, prefixes)
 
+    def row_tokens(self, source: str, targets: Sequence[str] | None = None, *, cached_prefix: str | None = None,
+                   tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+        """Tokens one row feeds a forward pass besides its prompt: its source and, for a causal LM, each target's
+        tokens but the last (`option_packing`; a target ends with EOS); a seq2seq row counts its targets whole.
+        Counted before any cut to fit the context. cached_prefix: text whose tokens a prefix KV cache holds
+        (`prompt_kv`), not fed again. tokenizer: a copy of this backbone's to count with, for a caller on
+        another thread (a fast tokenizer must not be used by two threads at once)."""
+        tok = tokenizer or self.tokenizer
+        fed = len(tok(source, add_special_tokens=True).input_ids)
+        if cached_prefix is not None:
+            fed = max(fed - len(tok(cached_prefix, add_special_tokens=True).input_ids), 1)
+        for target in targets or ():
+            ids = len(tok(target, add_special_tokens=False).input_ids)
+            if self.is_encoder_decoder:
+                fed += ids + 1  # the decoder runs each target whole, after its start token
+            else:
+                fed += ids if self._eos is not None else max(ids - 1, 0)  # + EOS, less the last token
+        return fed
+
     # ------------------------------------------------------------------------------------- internals
     def _source_prefix_ids(self, prefix: str) -> tuple[int, ...]:
         """The tokens every source starting with `prefix` starts with: those of the prefix alone that the prefix

@@ -67,16 +67,17 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
 
     with torch.no_grad():
         if option_rows:
-            sources, options = [], []
+            sources, options, formatted = [], [], []
             for t, i in option_rows:
                 ex = examples[t][i]
                 opts = tasks[t].options_for(ex) or ()
                 if len(opts) < 2:
                     raise InvalidTaskError(f"{tasks[t].kind} task {tasks[t].name!r}: input {ex.input!r:.60} has "
                                            f"{len(opts)} answer option(s); give at least 2")
-                sources.append(tasks[t].text_pair(ex).source)
+                source, targets = row_texts(tasks[t], ex)
+                sources.append(source)
                 options.append(opts)
-            formatted = [[" " + o.strip() for o in opts] for opts in options]
+                formatted.append(targets or [])
             scored = backbone.score_options(rows_prompts(option_rows), sources, formatted,
                                             prompt_kv=rows_kv(option_rows))
             for (t, i), opts, sc in zip(option_rows, options, scored, strict=True):
@@ -91,6 +92,14 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
             for (t, i), text in zip(chunk, texts, strict=True):
                 results[t][i] = Prediction(text)
     return [[p for p in per_task if p is not None] for per_task in results]
+
+
+def row_texts(task: Task | TaskHead, example: Example) -> tuple[str, list[str] | None]:
+    """What one row of `task` feeds the backbone: its source, and its answer options formatted as the targets
+    `predict` scores (None for a generation task)."""
+    options = task.options_for(example)
+    targets = None if options is None else [" " + o.strip() for o in options]
+    return task.text_pair(example).source, targets
 
 
 def reference_of(example: Example) -> str | list[str]:

@@ -17,7 +17,7 @@ from service.auth import auth_mode
 from service.core_sharing import BusyMarker
 from service.errors import empty_receive, register_error_handlers
 from service.load_shedding import Inflight, InflightLimit
-from service.predictor import MicroBatcher, PromptCache
+from service.predictor import MicroBatcher, PromptCache, default_batch_tokens
 from service.prefix_cache import PrefixKVCache, default_bytes
 from service.redis_connection import connect
 from service.request_metrics import RequestMetrics
@@ -108,8 +108,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             # in the background: /livez answers at once, /readyz says 503 until the model is in
             loaded = runtime or await asyncio.to_thread(load_runtime, settings)
             metrics.MODEL_LOAD.set(loaded.load_seconds)
+            tokens = settings.batch_max_tokens or default_batch_tokens(loaded.backbone.device.type)
             app.state.batcher = MicroBatcher(loaded, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                                             settings.batch_max_pending, prefix_cache_for(loaded, settings))
+                                             settings.batch_max_pending, prefix_cache_for(loaded, settings), tokens)
             app.state.batcher.start()
             app.state.runtime = loaded
 

@@ -7,9 +7,12 @@ from prometheus_client import Counter, Gauge, Histogram
 HTTP_REQUESTS = Counter("ipt_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_LATENCY = Histogram("ipt_http_request_duration_seconds", "HTTP request latency", ["method", "route"])
 PREDICT_BATCH_SIZE = Histogram("ipt_predict_batch_size_inputs", "Inputs per micro-batched forward pass",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 PREDICT_BATCH_TASKS = Histogram("ipt_predict_batch_distinct_tasks", "Distinct tasks per forward pass",
                                 buckets=(1, 2, 4, 8, 16, 32, 64))
+PREDICT_BATCH_TOKENS = Histogram("ipt_predict_batch_tokens", "Tokens fed per micro-batched forward pass (its rows' "
+                                 "inputs and options, and prompts not held by the prefix KV cache)",
+                                 buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768))
 PROMPT_CACHE = Counter("ipt_prompt_cache_lookups_total", "Soft-prompt cache lookups", ["result"])
 PROMPT_CACHE_EVICTIONS = Counter("ipt_prompt_cache_evictions_total", "Soft prompts evicted from the prompt cache")
 PROMPT_CACHE_BYTES = Gauge("ipt_prompt_cache_bytes", "Bytes of soft prompts held by the prompt cache")

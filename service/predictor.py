@@ -10,6 +10,7 @@ Item per input into the MicroBatcher, whose model thread runs `ipt_engine.evalua
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from ipt_engine.evaluation import Prediction, predict
+from ipt_engine.evaluation import Prediction, predict, row_texts
 from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service import metrics
 from service.prefix_cache import PrefixKVCache
@@ -83,26 +84,47 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+CPU_BATCH_TOKENS = 1280
+"""Default token budget of a forward pass on a CPU: 32 rows of a 20-token prompt and a short input, ~1.5 s for
+SmolLM2 on 2 cores (a pass reaches the CPU's matmul rate from a few hundred tokens on; more only adds latency)."""
+ACCELERATOR_BATCH_TOKENS = 16384
+"""Default token budget of a forward pass on a GPU, which needs thousands of tokens in a pass to be busy."""
+
+
+def default_batch_tokens(device: str) -> int:
+    """IPT_BATCH_MAX_TOKENS when none is configured, for a backbone on `device` ("cpu", "cuda", ...)."""
+    return CPU_BATCH_TOKENS if device == "cpu" else ACCELERATOR_BATCH_TOKENS
+
+
 @dataclass
 class Item:
-    """One input to answer: which task (head + prompt [n, d]) and the example."""
+    """One input to answer: which task (head + prompt [n, d]), the example, and the tokens its row feeds a
+    forward pass (counted by `MicroBatcher.submit` when batches have a token budget)."""
 
     key: tuple[str, int]
     head: TaskHead
     prompt: Tensor
     example: Example
+    tokens: int = 0
 
 
 class MicroBatcher:
-    """Collects items from concurrent requests for up to `max_wait_s` (or `max_size` items) and runs them
-    as one batch on a single model thread."""
+    """Collects items from concurrent requests for up to `max_wait_s` and runs them as one batch on a single model
+    thread. A batch closes at `max_size` items or, with a token budget, before the item that would take it past
+    `max_tokens` tokens (what its rows feed the model: with the prefix KV cache their inputs and options, without
+    it their prompts too), so that a pass costs about the same whatever the rows: more rows when they are short
+    (cached prompts, short inputs), fewer when they are long."""
 
     def __init__(self, runtime: Runtime, max_size: int, max_wait_s: float, max_pending: int = 4096,
-                 prefix_cache: PrefixKVCache | None = None) -> None:
+                 prefix_cache: PrefixKVCache | None = None, max_tokens: int | None = None) -> None:
         self.runtime = runtime
         self.prefix_cache = prefix_cache  # causal backbones: each task's prompt keys and values, kept
         self.max_size = max_size
         self.max_wait_s = max_wait_s
+        self.max_tokens = max_tokens
+        # rows are counted on the event loop while the model thread tokenizes: each with a tokenizer of its own
+        self._tokenizer = copy.deepcopy(runtime.backbone.tokenizer) if max_tokens is not None else None
+        self._carry: tuple[Item, asyncio.Future[Prediction]] | None = None  # the item that opens the next batch
         # bounded: beyond it requests get 503 + Retry-After instead of growing memory and latency
         self.queue: asyncio.Queue[tuple[Item, asyncio.Future[Prediction]]] = asyncio.Queue(max_pending)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipt-model")
@@ -120,6 +142,9 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self.queue.maxsize and self.queue.qsize() + len(items) > self.queue.maxsize:
             raise asyncio.QueueFull
+        if self.max_tokens is not None:
+            for item in items:
+                item.tokens = self.row_tokens(item)
         futures = [loop.create_future() for _ in items]
         for item, fut in zip(items, futures, strict=True):
             self.queue.put_nowait((item, fut))
@@ -128,23 +153,19 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
+            first = self._carry or await self.queue.get()
+            self._carry = None
+            batch, tokens = [first], first[0].tokens
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_size:
-                # what already waits joins at once: awaiting each item would hand the event loop to the HTTP
-                # work of other requests between items, and under load the wait ran out at ~16 of 32 (seen)
-                try:
-                    batch.append(self.queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                entry = await self._next(deadline)
+                if entry is None:
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
+                if self.max_tokens is not None and tokens + entry[0].tokens > self.max_tokens:
+                    self._carry = entry  # over the budget: it opens the next batch
                     break
+                batch.append(entry)
+                tokens += entry[0].tokens
             batch = [(i, f) for i, f in batch if not f.done()]  # requests that went away while we waited
             if not batch:
                 continue
@@ -162,6 +183,36 @@ class MicroBatcher:
                     fut.set_exception(result)
                 else:
                     fut.set_result(result)
+
+    async def _next(self, deadline: float) -> tuple[Item, asyncio.Future[Prediction]] | None:
+        """The next waiting item, or the first to come before `deadline` (monotonic seconds); None if none does.
+        What already waits is taken at once: awaiting each item would hand the event loop to the HTTP work of
+        other requests between items, and under load the wait ran out at ~16 of 32 (seen)."""
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.queue.get(), remaining)
+        except TimeoutError:
+            return None
+
+    def row_tokens(self, item: Item) -> int:
+        """Tokens the item's row feeds a forward pass (`Backbone.row_tokens`): its input and options, past the
+        task's source prefix when the prefix KV cache holds it, plus its prompt's n positions when there is no
+        cache. A generation row counts its source only, not the tokens it will decode."""
+        source, targets = row_texts(item.head, item.example)
+        backbone = self.runtime.backbone
+        try:
+            if self.prefix_cache is not None:
+                return backbone.row_tokens(source, targets, cached_prefix=item.head.source_prefix,
+                                           tokenizer=self._tokenizer)
+            return item.prompt.shape[0] + backbone.row_tokens(source, targets, tokenizer=self._tokenizer)
+        except Exception:  # a row the tokenizer refuses fails on the model thread, alone: count it as a full pass
+            return self.max_tokens or 0
 
     def run_batch(self, items: list[Item]) -> list[Prediction | BaseException]:
         """One forward pass (per kind) over items of any number of tasks. If it fails, every item runs on its
@@ -190,6 +241,8 @@ class MicroBatcher:
         examples = [[items[i].example for i in groups[k]] for k in keys]
         metrics.PREDICT_BATCH_SIZE.observe(len(items))
         metrics.PREDICT_BATCH_TASKS.observe(len(keys))
+        if self.max_tokens is not None:
+            metrics.PREDICT_BATCH_TOKENS.observe(sum(item.tokens for item in items))
         if self.prefix_cache is not None:
             kv = self.prefix_cache.stacked(keys, prompts, [h.source_prefix for h in heads])
             answers = predict(self.runtime.backbone, heads, examples, None, prompt_kv=kv)

@@ -88,7 +88,12 @@ class Settings(BaseSettings):
         None, ge=0, description="bytes of per-task prompt keys and values kept (LRU; causal backbones): each task's "
                                 "prompt then runs through the model once, not on every request. Unset: 448 MiB on a "
                                 "CPU, 4 GiB on a GPU; 0: off")
-    batch_max_size: int = Field(32, description="inputs per micro-batched forward pass")
+    batch_max_size: int = Field(128, ge=1, description="inputs per micro-batched forward pass at most (the token "
+                                "budget, IPT_BATCH_MAX_TOKENS, usually closes a batch first)")
+    batch_max_tokens: int | None = Field(
+        None, ge=1, description="tokens fed per micro-batched forward pass: a batch closes before the input that "
+                                "would pass it (rows x their input and option tokens, and their prompts' unless "
+                                "the prefix KV cache holds them). Unset: 1280 on a CPU, 16384 on a GPU")
     batch_max_wait_ms: float = Field(5.0, description="how long a request waits for others to share its batch")
     batch_max_pending: int = Field(4096, description="inputs waiting for the model; beyond: 503 + Retry-After")
 

@@ -7,6 +7,7 @@ import torch
 
 from ipt_engine.backbone import Backbone
 from ipt_engine.errors import BackboneLoadError, InputTruncatedWarning
+from ipt_engine.option_packing import packed_width
 
 SOURCES_A = ["sentiment: the movie was great\nAnswer:", "sentiment: the food was awful\nAnswer:"]
 SOURCES_B = ["topic: rain tomorrow and sun\nAnswer:", "topic: the team won the match yesterday\nAnswer:",
@@ -215,3 +216,18 @@ def test_rows_of_mixed_lengths_train_in_length_sorted_passes(tiny_causal: Backbo
     torch.testing.assert_close(ll_one, ll_split, atol=1e-4, rtol=0)
     assert torch.equal(count_one, count_split)
     torch.testing.assert_close(grad_one, grad_split, atol=1e-4, rtol=1e-4)
+
+
+def test_row_tokens_counts_what_a_scoring_pass_feeds(tiny_causal: Backbone) -> None:
+    """`row_tokens` (what the service's token budget counts) equals the packed width the backbone feeds: the
+    source, and each option's tokens with EOS less the last; a cached source prefix is not fed again."""
+    cases = [("sentiment: the movie was great\nAnswer:", [" positive", " negative"]),
+             ("pick: which colour?\nAnswer:", [" red", " blue", " dark green"]),
+             ("echo: repeat hello\nAnswer:", None)]
+    for source, options in cases:
+        rows = tiny_causal._tokenize(0, source, options or [], 0)
+        fed = packed_width(rows[0].source, [r.target for r in rows]) if options else len(rows[0].source)
+        assert tiny_causal.row_tokens(source, options) == fed
+        prefix = source.split(" ")[0]
+        skipped = len(tiny_causal._source_prefix_ids(prefix))
+        assert tiny_causal.row_tokens(source, options, cached_prefix=prefix) == fed - skipped

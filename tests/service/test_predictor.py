@@ -237,3 +237,33 @@ def test_a_poisoned_row_fails_only_itself(tiny_causal: Backbone) -> None:
     assert isinstance(failed, Exception)
     assert isinstance(answered_good, list) and len(answered_good) == 2
     assert isinstance(answered_other, list) and len(answered_other) == 1
+
+
+def test_a_token_budget_closes_batches_by_what_their_rows_feed_the_model(tiny_causal: Backbone) -> None:
+    """With IPT_BATCH_MAX_TOKENS a batch closes before the item that would pass the budget, which opens the next
+    one; an item larger than the budget still runs (alone); answers equal those of a batcher without a budget.
+    With the prefix KV cache a row costs fewer tokens (no prompt, no "{name}:"), so more rows share a pass."""
+    head = TaskHead("sentiment", TaskKind.CLASSIFICATION, ("positive", "negative"))
+    prompt = torch.randn(2, tiny_causal.hidden_size)
+    texts = ["the movie was great"] * 12 + ["a very long review " * 6, "short"]
+    items = [Item(("a", 1), head, prompt, Example(text, "")) for text in texts]
+    runtime = _runtime(tiny_causal)
+    per_row = MicroBatcher(runtime, 32, 0.0, max_tokens=1).row_tokens(items[0])
+    source = f"sentiment: {texts[0]}\nAnswer:"
+    assert per_row == 2 + tiny_causal.row_tokens(source, [" positive", " negative"])  # prompt n = 2
+
+    async def scenario(batcher: _RecordingBatcher) -> tuple[list[int], list[object]]:
+        batcher.start()
+        answers = await batcher.submit([Item(i.key, i.head, i.prompt, i.example) for i in items])
+        await batcher.stop()
+        return batcher.sizes, answers
+
+    sizes, answers = asyncio.run(scenario(_RecordingBatcher(runtime, 32, 0.0, max_tokens=3 * per_row + 1)))
+    assert sizes == [3, 3, 3, 3, 1, 1]  # 12 rows of per_row tokens, then the long one alone, then "short"
+    _, unbounded = asyncio.run(scenario(_RecordingBatcher(runtime, 32, 0.0)))
+    assert [a.output for a in answers] == [a.output for a in unbounded]  # type: ignore[attr-defined]
+    cached = _RecordingBatcher(runtime, 32, 0.0, prefix_cache=PrefixKVCache(tiny_causal, 10**8),
+                               max_tokens=3 * per_row + 1)
+    assert cached.row_tokens(items[0]) < per_row - 2
+    cached_sizes, _ = asyncio.run(scenario(cached))
+    assert cached_sizes[0] > 3
