@@ -85,19 +85,23 @@ class BatchStats:
     forwards: float = 0.0
     inputs: float = 0.0
     tasks: float = 0.0
+    tokens: float = 0.0  # fed tokens as the batcher counts them (0 without a token budget)
 
     @classmethod
     def snapshot(cls) -> BatchStats:
         from service import metrics
 
         return cls(metric_value(metrics.PREDICT_BATCH_SIZE, "_count"), metric_value(metrics.PREDICT_BATCH_SIZE, "_sum"),
-                   metric_value(metrics.PREDICT_BATCH_TASKS, "_sum"))
+                   metric_value(metrics.PREDICT_BATCH_TASKS, "_sum"),
+                   metric_value(metrics.PREDICT_BATCH_TOKENS, "_sum"))
 
     def since(self, earlier: BatchStats) -> BatchStats:
-        return BatchStats(self.forwards - earlier.forwards, self.inputs - earlier.inputs, self.tasks - earlier.tasks)
+        return BatchStats(self.forwards - earlier.forwards, self.inputs - earlier.inputs, self.tasks - earlier.tasks,
+                          self.tokens - earlier.tokens)
 
     def __add__(self, other: BatchStats) -> BatchStats:
-        return BatchStats(self.forwards + other.forwards, self.inputs + other.inputs, self.tasks + other.tasks)
+        return BatchStats(self.forwards + other.forwards, self.inputs + other.inputs, self.tasks + other.tasks,
+                          self.tokens + other.tokens)
 
     @property
     def mean_inputs(self) -> float:
@@ -106,6 +110,10 @@ class BatchStats:
     @property
     def mean_tasks(self) -> float:
         return self.tasks / self.forwards if self.forwards else float("nan")
+
+    @property
+    def mean_tokens(self) -> float:
+        return self.tokens / self.forwards if self.forwards else float("nan")
 
 
 class ModelBusy:

@@ -2,15 +2,17 @@
 
 Everything goes through the service as users reach it: the real app (uvicorn on loopback) over HTTP, tasks stored
 in a real Redis (a private redis-server; random z vectors, which is all a timing needs), the prompt cache and the
-micro-batcher, which runs the requests of many tasks in one forward pass. A closed loop of `--concurrency`
-clients sends one-input predict requests, round-robin over the stream's tasks. The default is twice the batch size:
-while one full batch runs, the next fills. With only B clients a closed loop settles into two cohorts of B/2 that
-take turns on the model, and the server never runs a full batch (seen: 16 inputs per forward with 32 clients).
+micro-batcher, which runs the requests of many tasks in one forward pass (a pass closes at IPT_BATCH_MAX_TOKENS
+fed tokens). A closed loop of `--concurrency` clients sends one-input predict requests, round-robin over the
+stream's tasks. The default is twice the rows a pass of the server with the prefix KV cache takes (the token budget
+over a row's tokens, at most IPT_BATCH_MAX_SIZE), for every configuration alike: while one full pass runs, the next
+fills. With only B clients a closed loop settles into two cohorts of B/2 that take turns on the model, and the
+server never runs a full pass (seen: 16 inputs per forward with 32 clients).
 
 Compared in one run, on the same inputs:
 - the stream of 1 task (every forward pass serves one prompt) against 10, 100, 1000 tasks (mixed passes);
 - a one-request-per-forward server: the same app with IPT_BATCH_MAX_SIZE=1, on the largest stream;
-- the gain batching gives the bare PLM on this machine: engine predict, no prompt, batch B vs batch 1; and the
+- the gain batching gives the bare PLM on this machine: engine predict, no prompt, batch 32 vs batch 1; and the
   same with one soft prompt of the subspace's n tokens, rows as long as the served ones (like for like);
 - the app with the prefix KV cache and the app without it, serving side by side, timed in interleaved rounds
   (`--rounds`, order alternating) and pooled, so that a slow spell of this shared machine falls on both.
@@ -55,6 +57,8 @@ from benchmarks.timing import device_kind, median, ms, ratio, sync, timed
 
 MIXED_TARGET = 0.95
 """Throughput at the largest stream over the single-task stream that issue 18 asks for."""
+ENGINE_BATCH = 32
+"""Rows of the engine-only measurements (the PLM's batching gain, batch 32 vs 1)."""
 PREFIX_CACHE_TARGET = 2.0
 """Throughput with the prefix KV cache over without it, at the largest stream, that issue 18 asks for."""
 
@@ -67,10 +71,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None,
                         help="timed requests per configuration (default: 384 on CPU, 1024 on CUDA, 48 with --quick)")
     parser.add_argument("--concurrency", type=int, default=None,
-                        help="closed-loop clients (default: twice the batch size)")
+                        help="closed-loop clients (default: twice the rows of a full pass with the prefix cache)")
     parser.add_argument("--inputs-per-request", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="IPT_BATCH_MAX_SIZE of the batched server and the bare-PLM batch (default: the service's)")
+                        help="IPT_BATCH_MAX_SIZE of the batched servers (default: the service's)")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="IPT_BATCH_MAX_TOKENS of the batched servers (default: the service's for the device)")
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="IPT_BATCH_MAX_WAIT_MS (default: the service's)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -203,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     import torch
 
     from ipt_engine.tasks import source_prefix
+    from service.predictor import default_batch_tokens
     from service.redis_connection import connect
     from service.runtime import load_runtime, reset_runtime
     from service.settings import Settings
@@ -214,7 +221,6 @@ def main(argv: Sequence[str] | None = None) -> Report:
     defaults = Settings.model_fields
     batch = args.batch_size or int(defaults["batch_max_size"].default)
     wait_ms = args.max_wait_ms if args.max_wait_ms is not None else float(defaults["batch_max_wait_ms"].default)
-    concurrency = args.concurrency or 2 * batch
     per_request = args.inputs_per_request
     with ExitStack() as stack:
         stack.callback(reset_runtime)
@@ -223,17 +229,23 @@ def main(argv: Sequence[str] | None = None) -> Report:
         settings = service_settings(
             setup, redis_url, batch_max_size=batch, batch_max_wait_ms=wait_ms,
             prompt_cache_size=max(int(defaults["prompt_cache_size"].default), counts[-1]),
-            max_inputs_per_predict=max(int(defaults["max_inputs_per_predict"].default), per_request),
-            batch_max_pending=max(int(defaults["batch_max_pending"].default), 4 * concurrency * per_request))
+            max_inputs_per_predict=max(int(defaults["max_inputs_per_predict"].default), per_request))
         runtime = load_runtime(settings)  # the app below reuses this process-wide runtime
         device = runtime.backbone.device
+        n_prompt = runtime.subspace.config.n_prompt
+        tokens = args.batch_tokens or default_batch_tokens(device.type)
+        name, labels, inputs = category_inputs()
+        work = request_work(runtime.backbone, name, labels, inputs)
+        seq2seq = runtime.backbone.is_encoder_decoder
+        pass_rows = min(batch, max(int(tokens // (per_request * work.tokens(n_prompt, not seq2seq))), 1))
+        concurrency = args.concurrency or 2 * pass_rows
         # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
         # would miss every time); its bytes per task are reported below
-        name, labels, inputs = category_inputs()
-        per_task_kv = 0 if runtime.backbone.is_encoder_decoder else runtime.backbone.prompt_kv(  # seq2seq: no cache
-            torch.zeros(1, runtime.subspace.config.n_prompt, runtime.backbone.hidden_size, device=device),
-            [source_prefix(name)]).nbytes
-        settings = settings.model_copy(update={"prefix_cache_bytes": per_task_kv * (counts[-1] + 1)})
+        per_task_kv = 0 if seq2seq else runtime.backbone.prompt_kv(  # seq2seq: no cache
+            torch.zeros(1, n_prompt, runtime.backbone.hidden_size, device=device), [source_prefix(name)]).nbytes
+        settings = settings.model_copy(update={
+            "prefix_cache_bytes": per_task_kv * (counts[-1] + 1), "batch_max_tokens": tokens,
+            "batch_max_pending": max(int(defaults["batch_max_pending"].default), 4 * concurrency * per_request)})
         n_requests = args.requests or (48 if args.quick else 1024 if device.type == "cuda" else 384)
         store = TaskStore(connect(settings))
         writer = TaskWriter(store, name, labels, runtime.subspace.config.d_intrinsic, runtime.artifact_id, args.seed)
@@ -271,20 +283,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
             per_request_stats = BatchStats.snapshot().since(before)
             per_request_busy = busy.seconds / per_request_result.wall
         repeats = 3 if device.type == "cpu" else 10  # batched calls, median taken (one alone varied by 25% on CPU)
-        bare_1, bare_b, bare_1_s, bare_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats)
+        bare_1, bare_b, bare_1_s, bare_b_s = plm_batching(runtime.backbone, name, labels, inputs, ENGINE_BATCH, repeats)
         stored = store.vector(ids[0])
         assert stored is not None
         with torch.no_grad():
             prompt = runtime.subspace.decode(torch.from_numpy(stored[0])[None].to(device))
-        one_1, one_b, one_1_s, one_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats, prompt)
+        one_1, one_b, one_1_s, one_b_s = plm_batching(runtime.backbone, name, labels, inputs, ENGINE_BATCH, repeats,
+                                                      prompt)
         if kv_held:  # the same rows on the prompt's cached keys and values: the engine's own prefix-cache gain
             kv = runtime.backbone.prompt_kv(prompt, [source_prefix(name)])
-            kv_1, kv_b, kv_1_s, kv_b_s = plm_batching(runtime.backbone, name, labels, inputs, batch, repeats,
+            kv_1, kv_b, kv_1_s, kv_b_s = plm_batching(runtime.backbone, name, labels, inputs, ENGINE_BATCH, repeats,
                                                       prompt_kv=kv)
-        n_prompt = runtime.subspace.config.n_prompt
         peak = matmul_peak_flops(device, runtime.backbone.dtype)
         body, head = model_parameters(runtime.backbone)
-        work = request_work(runtime.backbone, name, labels, inputs)
 
         def flop_share(throughput: float, cached: bool) -> str:
             """Model FLOP/s (`RequestWork.flops`; padding and attention not counted) as a share of the peak."""
@@ -297,54 +308,61 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"backbone: {setup.label} on {device_description(device)}, {setup.dtype}",
                 f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}",
                 f"service: {APP}, {redis_description(store.r)}; IPT_BATCH_MAX_SIZE="
-                f"{batch}, IPT_BATCH_MAX_WAIT_MS={wait_ms:g}; {concurrency} closed-loop clients; {n_requests} timed "
+                f"{batch}, IPT_BATCH_MAX_TOKENS={tokens} (~{pass_rows} rows a pass with the prefix cache, "
+                f"~{max(int(tokens // work.tokens(n_prompt, False)), 1)} without), "
+                f"IPT_BATCH_MAX_WAIT_MS={wait_ms:g}; {concurrency} closed-loop clients; {n_requests} timed "
                 f"requests per row and round, {per_request} input(s) each, {len(labels)} labels (rank "
                 f"classification); the batched rows pooled over {rounds} interleaved round(s), the per-request "
                 "server one round",
                 f"prompt cache filled with the stream's tasks before timing ({counts[-1]} Proj_b(z) in {fill_s:.1f} s)",
             ],
             header=["configuration", "tasks requested", "examples/s", "p50 latency", "p99 latency",
-                    "inputs per forward", "tasks per forward", "model busy", "vs 1 task", "vs per-request server",
-                    "model FLOP/s of peak"])
+                    "inputs per forward", "tokens per forward", "tasks per forward", "model busy", "vs 1 task",
+                    "vs per-request server", "model FLOP/s of peak"])
         cached = "prefix KV cache on" if kv_held else "no prefix KV cache (seq2seq)"
         for k in counts:
             result, stats, busy_share = batched[k]
             report.add(f"batched server, {k} task{'s' if k > 1 else ''} in the stream ({cached})", min(k, n_requests),
                        f"{result.throughput:.2f}", ms(result.p50), ms(result.p99), f"{stats.mean_inputs:.1f}",
-                       f"{stats.mean_tasks:.1f}", f"{busy_share:.0%}", ratio(result.throughput, single),
-                       ratio(result.throughput, per_request_result.throughput),
+                       f"{stats.mean_tokens:.0f}", f"{stats.mean_tasks:.1f}", f"{busy_share:.0%}",
+                       ratio(result.throughput, single), ratio(result.throughput, per_request_result.throughput),
                        flop_share(result.throughput, bool(kv_held)))
             report.values[f"model_busy_{k}"] = busy_share
             report.values[f"throughput_{k}"] = result.throughput
             report.values[f"p50_{k}"], report.values[f"p99_{k}"] = result.p50, result.p99
             report.values[f"tasks_per_forward_{k}"] = stats.mean_tasks
             report.values[f"inputs_per_forward_{k}"] = stats.mean_inputs
+            report.values[f"tokens_per_forward_{k}"] = stats.mean_tokens
         report.add(f"batched server, {counts[-1]} tasks, prefix KV cache off (IPT_PREFIX_CACHE_BYTES=0)",
                    min(counts[-1], n_requests), f"{no_kv.throughput:.2f}", ms(no_kv.p50), ms(no_kv.p99),
-                   f"{no_kv_stats.mean_inputs:.1f}", f"{no_kv_stats.mean_tasks:.1f}", f"{no_kv_busy:.0%}",
+                   f"{no_kv_stats.mean_inputs:.1f}", f"{no_kv_stats.mean_tokens:.0f}", f"{no_kv_stats.mean_tasks:.1f}",
+                   f"{no_kv_busy:.0%}",
                    ratio(no_kv.throughput, single), ratio(no_kv.throughput, per_request_result.throughput),
                    flop_share(no_kv.throughput, False))
         report.add(f"one request per forward (IPT_BATCH_MAX_SIZE=1), {counts[-1]} tasks", min(counts[-1], n_requests),
                    f"{per_request_result.throughput:.2f}", ms(per_request_result.p50), ms(per_request_result.p99),
-                   f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tasks:.1f}",
+                   f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tokens:.0f}",
+                   f"{per_request_stats.mean_tasks:.1f}",
                    f"{per_request_busy:.0%}", ratio(per_request_result.throughput, single), "1.00x",
                    flop_share(per_request_result.throughput, bool(kv_held)))
         report.add("bare PLM (engine, no prompt), batch 1", "-", f"{bare_1:.2f}", ms(bare_1_s), "-", "1", "-", "-",
-                   "-", "-", "-")
-        report.add(f"bare PLM (engine, no prompt), batch {batch}", "-", f"{bare_b:.2f}", ms(bare_b_s), "-", str(batch),
-                   "-", "-", "-", "-", "-")
+                   "-", "-", "-", "-")
+        report.add(f"bare PLM (engine, no prompt), batch {ENGINE_BATCH}", "-", f"{bare_b:.2f}", ms(bare_b_s), "-",
+                   str(ENGINE_BATCH), "-", "-", "-", "-", "-", "-")
         report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch 1", "1", f"{one_1:.2f}", ms(one_1_s),
-                   "-", "1", "1", "-", "-", "-", "-")
-        report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch {batch}", "1", f"{one_b:.2f}",
-                   ms(one_b_s), "-", str(batch), "1", "-", "-", "-", "-")
+                   "-", "1", "-", "1", "-", "-", "-", "-")
+        report.add(f"PLM with one soft prompt ({n_prompt} tokens, engine), batch {ENGINE_BATCH}", "1", f"{one_b:.2f}",
+                   ms(one_b_s), "-", str(ENGINE_BATCH), "-", "1", "-", "-", "-", "-")
         if kv_held:
             report.add("PLM with one task's prompt + source prefix cached (engine), batch 1", "1", f"{kv_1:.2f}",
-                       ms(kv_1_s), "-", "1", "1", "-", "-", "-", "-")
-            report.add(f"PLM with one task's prompt + source prefix cached (engine), batch {batch}", "1",
-                       f"{kv_b:.2f}", ms(kv_b_s), "-", str(batch), "1", "-", "-", "-", "-")
+                       ms(kv_1_s), "-", "1", "-", "1", "-", "-", "-", "-")
+            report.add(f"PLM with one task's prompt + source prefix cached (engine), batch {ENGINE_BATCH}", "1",
+                       f"{kv_b:.2f}", ms(kv_b_s), "-", str(ENGINE_BATCH), "-", "1", "-", "-", "-", "-")
         most = batched[counts[-1]][0].throughput
         kv_gain = most / no_kv.throughput
-        report.values.update({"prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
+        report.values.update({"batch_max_tokens": tokens, "concurrency": concurrency,
+                              "tokens_per_forward_no_prefix_cache": no_kv_stats.mean_tokens,
+                              "prefix_cache_gain": kv_gain, "no_prefix_cache_throughput": no_kv.throughput,
                               "matmul_peak_flops": peak, "prefix_cache_bytes_per_task": per_task_kv,
                               "prefix_cache_bytes_held": kv_held, "peak_rss_bytes": peak_rss})
         if kv_held:
@@ -375,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                    f"{ms(batched[counts[-1]][0].p50)} vs {ms(no_kv.p50)}; the most skipping the prompt and the source "
                    f"prefix can give on this request mix is its model FLOPs without the cache over those with it = "
                    f"{bound:.2f}x, less the attention to the cached positions and the padding; the engine alone (no "
-                   f"HTTP, one task, batch {batch}) gains {kv_b / one_b:.2f}x")
+                   f"HTTP, one task, batch {ENGINE_BATCH}) gains {kv_b / one_b:.2f}x")
         mixed_gain = most / per_request_result.throughput
         measured = [r for r, _, _ in batched.values()] + [no_kv, per_request_result]
         client_cpu = sum(r.client_cpu for r in measured) / sum(len(r.latencies) for r in measured)
@@ -391,17 +409,19 @@ def main(argv: Sequence[str] | None = None) -> Report:
             f"{counts[-1]} tasks vs 1 task: {most / single:.3f}x the throughput (target >= {MIXED_TARGET}x: "
             f"{'met' if most / single >= MIXED_TARGET else 'NOT met'})",
             f"{counts[-1]} tasks vs one request per forward: {mixed_gain:.2f}x; batching gain of the bare PLM here "
-            f"(batch {batch} vs 1): {bare_gain:.2f}x (target: at least that gain: "
+            f"(batch {ENGINE_BATCH} vs 1): {bare_gain:.2f}x (target: at least that gain: "
             f"{'met' if mixed_gain >= bare_gain else 'NOT met'}); like for like, the PLM's batching gain on rows "
-            f"as long as the served ones (one soft prompt of {n_prompt} tokens, batch {batch} vs 1): "
+            f"as long as the served ones (one soft prompt of {n_prompt} tokens, batch {ENGINE_BATCH} vs 1): "
             f"{prompted_gain:.2f}x ({'met' if mixed_gain >= prompted_gain else 'NOT met'})",
             "why the two gains differ: a bare row here is the input alone (a few tokens), which a batch-1 forward runs "
-            f"at the cost of reading the weights; a batch of {batch} is compute-bound, and its cost grows with the "
-            f"tokens per row, which the {n_prompt}-token soft prompt multiplies",
+            f"at the cost of reading the weights; a batch of {ENGINE_BATCH} is compute-bound, and its cost grows with "
+            f"the tokens per row, which the {n_prompt}-token soft prompt multiplies",
             "latency: per request, from sending it to its answer, with all clients busy (closed loop), so it includes "
             "waiting for the batch in progress; p99 of a few hundred requests is close to their maximum",
-            "inputs/tasks per forward: from the predictor's own histograms (ipt_predict_batch_size_inputs, "
-            "ipt_predict_batch_distinct_tasks) over the timed requests",
+            "inputs/tokens/tasks per forward: from the predictor's own histograms (ipt_predict_batch_size_inputs, "
+            "ipt_predict_batch_tokens, ipt_predict_batch_distinct_tasks) over the timed requests; a pass closes at "
+            f"IPT_BATCH_MAX_TOKENS={tokens} fed tokens, so with the prefix cache (no prompt positions) it takes more "
+            "rows of the same cost",
             "model busy: the share of the run's wall time the predictor spent in its forward passes "
             "(MicroBatcher.run_batch); well below 100% means HTTP, queueing or the client, not the model, set the pace",
             f"load client: {client_cpu * 1e3:.2f} ms of CPU per request (mean over the timed runs), in a process of "
