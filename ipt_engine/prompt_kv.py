@@ -138,8 +138,9 @@ class PromptKV:
     @staticmethod
     def from_cache(cache: DynamicCache, n_prompt: int = -1,
                    source_prefixes: Sequence[Sequence[int]] = ()) -> PromptKV:
-        """Keys and values a forward pass left in `cache`; each row's positions past its own are zeroed (a
-        padded position's states are not meaningful and must not turn into NaN under a mask)."""
+        """Keys and values a forward pass left in `cache` (taken over: not copied); each row's positions past its
+        own are zeroed in place (a padded position's states are not meaningful and must not turn into NaN under a
+        mask)."""
         keys = tuple(layer.keys for layer in cache.layers)
         values = tuple(layer.values for layer in cache.layers)
         prefixes = tuple(tuple(p) for p in source_prefixes)
@@ -147,8 +148,8 @@ class PromptKV:
         if prefixes and n_prompt >= 0 and min(n_prompt + len(p) for p in prefixes) < width:
             lengths = torch.tensor([n_prompt + len(p) for p in prefixes], device=keys[0].device)
             real = (torch.arange(width, device=keys[0].device)[None] < lengths[:, None])[:, None, :, None]
-            keys = tuple(k.masked_fill(~real, 0) for k in keys)
-            values = tuple(v.masked_fill(~real, 0) for v in values)
+            for t in (*keys, *values):
+                t.masked_fill_(~real, 0)
         return PromptKV(keys, values, n_prompt, prefixes)
 
 

@@ -31,6 +31,9 @@ CPU_DEFAULT_BYTES = 448 * 2**20  # ~400 tasks of SmolLM2 (n = 20 and a 4-token n
 # (benchmarks/api_memory_bench.py, 1000 hot tasks): the API process is 1.14 GB when ready and peaks ~0.35 GB
 # above it plus the cache: 2.30 GB at 768 MiB, 2.02 GB at 512 MiB, so 448 MiB keeps it under 2 GB
 ACCELERATOR_DEFAULT_BYTES = 4 * 2**30
+MISSES_PER_PASS = 16
+"""Tasks whose prompts run through the model together on a cache miss: a pass holds their keys and values for all
+layers (~1.1 MB a task for SmolLM2), so a batch of many new tasks computes them a few at a time."""
 
 Key = tuple[str, int]  # (task id, vector version), as the batcher groups its rows
 Entry = tuple[str, int, str]  # (task id, vector version, source prefix)
@@ -71,7 +74,7 @@ class PrefixKVCache:
                 ) -> PromptKV:
         """The caches of `keys` (distinct), row i for keys[i], computing the missing ones from prompts [K, n, d]
         (row i is keys[i]'s prompt) and source_prefixes (row i's task's `source_prefix`; None: cache the
-        prompts alone) in one forward pass."""
+        prompts alone), `MISSES_PER_PASS` tasks a forward pass."""
         prefixes = list(source_prefixes) if source_prefixes is not None else [""] * len(keys)
         if len(prefixes) != len(keys):
             raise ValueError(f"{len(prefixes)} source prefixes for {len(keys)} tasks")
@@ -84,9 +87,11 @@ class PrefixKVCache:
         fresh: dict[int, PromptKV] = {}
         if missing:
             metrics.PREFIX_CACHE.labels("miss").inc(len(missing))
-            computed = self.backbone.prompt_kv(prompts[missing], [prefixes[i] for i in missing]
-                                               if source_prefixes is not None else None)
-            fresh = dict(zip(missing, computed.split(), strict=True))
+            for begin in range(0, len(missing), MISSES_PER_PASS):
+                part = missing[begin:begin + MISSES_PER_PASS]
+                computed = self.backbone.prompt_kv(prompts[part], [prefixes[i] for i in part]
+                                                   if source_prefixes is not None else None)
+                fresh.update(zip(part, computed.split(), strict=True))
         rows = []
         for i, entry in enumerate(entries):
             if i in fresh:

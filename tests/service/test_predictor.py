@@ -14,7 +14,7 @@ from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service import metrics
 from service.app import prefix_cache_for
 from service.predictor import Item, MicroBatcher, PromptCache
-from service.prefix_cache import PrefixKVCache
+from service.prefix_cache import MISSES_PER_PASS, PrefixKVCache
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -99,6 +99,30 @@ def test_prefix_cache_entries_are_keyed_by_the_source_prefix_too(tiny_causal: Ba
     assert cache.stacked([("a", 1)], prompts).width == 2  # no prefix: the prompt alone
     with pytest.raises(ValueError, match="2 source prefixes for 1 tasks"):
         cache.stacked([("a", 1)], prompts, ["x:", "y:"])
+
+
+def test_many_missing_tasks_are_computed_a_few_per_pass_with_the_same_keys_and_values(tiny_causal: Backbone) -> None:
+    tasks = MISSES_PER_PASS + 5
+    prompts = torch.randn(tasks, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(6))
+    names = [f"task number {'x' * (i % 4)}:" for i in range(tasks)]  # prefixes of different lengths
+    expected = tiny_causal.prompt_kv(prompts, names)  # all in one pass
+    passes = []
+    original = tiny_causal.prompt_kv
+
+    def counted(p: torch.Tensor, prefixes: list[str] | None = None) -> object:
+        passes.append(p.shape[0])
+        return original(p, prefixes)
+
+    cache = PrefixKVCache(tiny_causal, max_bytes=2**30)
+    tiny_causal.prompt_kv = counted  # type: ignore[method-assign]
+    try:
+        got = cache.stacked([(f"t{i}", 1) for i in range(tasks)], prompts, names)
+    finally:
+        del tiny_causal.prompt_kv
+    assert passes == [MISSES_PER_PASS, 5] and len(cache) == tasks
+    assert got.source_prefixes == expected.source_prefixes and got.width == expected.width
+    for a, b in zip((*got.keys, *got.values), (*expected.keys, *expected.values), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone) -> None:
