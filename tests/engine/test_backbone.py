@@ -231,3 +231,24 @@ def test_row_tokens_counts_what_a_scoring_pass_feeds(tiny_causal: Backbone) -> N
         prefix = source.split(" ")[0]
         skipped = len(tiny_causal._source_prefix_ids(prefix))
         assert tiny_causal.row_tokens(source, options, cached_prefix=prefix) == fed - skipped
+
+
+def test_scores_and_gradients_are_the_same_when_the_head_runs_a_few_positions_at_a_time(
+        tiny_causal: Backbone, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ipt_engine.backbone as backbone_module
+
+    sources = ["the movie was great", "a long and winding review of a film", "ok"]
+    options = [[" positive", " negative"], [" yes", " no", " maybe not at all"], [" a", " bb bb bb"]]
+    base = torch.randn(3, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def scored() -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = base.clone().requires_grad_()
+        sums, _ = tiny_causal.option_log_likelihoods(prompts, sources, options)
+        sums.sum().backward()
+        assert prompts.grad is not None
+        return sums.detach(), prompts.grad
+
+    whole, whole_grad = scored()
+    monkeypatch.setattr(backbone_module, "HEAD_COLUMNS", 3)  # many slices of the scored positions
+    sliced, sliced_grad = scored()
+    assert torch.allclose(whole, sliced, atol=1e-5) and torch.allclose(whole_grad, sliced_grad, atol=1e-5)
