@@ -239,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
         name, labels, inputs = category_inputs()
         work = request_work(runtime.backbone, name, labels, inputs)
         seq2seq = runtime.backbone.is_encoder_decoder
-        pass_rows = min(batch, max(int(tokens // (per_request * work.tokens(n_prompt, not seq2seq))), 1))
-        concurrency = args.concurrency or 2 * pass_rows
+        pass_rows = min(batch, max(int(tokens // work.tokens(n_prompt, not seq2seq)), 1))  # with the cache if any
+        concurrency = args.concurrency or 2 * max(pass_rows // per_request, 1)
         # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
         # would miss every time); its bytes per task are reported below
         per_task_kv = 0 if seq2seq else runtime.backbone.prompt_kv(  # seq2seq: no cache
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}",
                 f"service: {APP}, {redis_description(store.r)}; IPT_BATCH_MAX_SIZE="
                 f"{batch}, IPT_BATCH_MAX_TOKENS={tokens} (~{pass_rows} rows a pass with the prefix cache, "
-                f"~{max(int(tokens // work.tokens(n_prompt, False)), 1)} without), "
+                f"~{min(batch, max(int(tokens // work.tokens(n_prompt, False)), 1))} without), "
                 f"IPT_BATCH_MAX_WAIT_MS={wait_ms:g}; {concurrency} closed-loop clients; {n_requests} timed "
                 f"requests per row and round, {per_request} input(s) each, {len(labels)} labels (rank "
                 f"classification); the batched rows pooled over {rounds} interleaved round(s), the per-request "
