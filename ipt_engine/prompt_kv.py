@@ -78,10 +78,14 @@ class PromptKV:
         return PromptKV(tuple(k.index_select(0, idx)[:, :, :width] for k in self.keys),
                         tuple(v.index_select(0, idx)[:, :, :width] for v in self.values), self.n_prompt, prefixes)
 
-    def split(self) -> list[PromptKV]:
-        """One PromptKV per row, without padding (cloned, so that a row does not pin the batch)."""
-        return [PromptKV(tuple(k[i:i + 1, :, :n].clone() for k in self.keys),
-                         tuple(v[i:i + 1, :, :n].clone() for v in self.values), self.n_prompt, (prefix,))
+    def split(self, copy: bool = True) -> list[PromptKV]:
+        """One PromptKV per row, without padding: cloned, so that a row kept does not pin the batch, or (copy
+        False) views of this batch's tensors, for rows used once."""
+        def part(t: Tensor, i: int, n: int) -> Tensor:
+            return t[i:i + 1, :, :n].clone() if copy else t[i:i + 1, :, :n]
+
+        return [PromptKV(tuple(part(k, i, n) for k in self.keys), tuple(part(v, i, n) for v in self.values),
+                         self.n_prompt, (prefix,))
                 for i, (n, prefix) in enumerate(zip(self.lengths, self.source_prefixes, strict=True))]
 
     def prompt_only(self) -> PromptKV:

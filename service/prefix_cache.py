@@ -91,7 +91,7 @@ class PrefixKVCache:
                 part = missing[begin:begin + MISSES_PER_PASS]
                 computed = self.backbone.prompt_kv(prompts[part], [prefixes[i] for i in part]
                                                    if source_prefixes is not None else None)
-                fresh.update(zip(part, computed.split(), strict=True))
+                fresh.update(zip(part, computed.split(copy=False), strict=True))  # `_put` clones what it keeps
         rows = []
         for i, entry in enumerate(entries):
             if i in fresh:
@@ -120,7 +120,7 @@ class PrefixKVCache:
             if self._lookups[key[0]] <= self._lookups[victim[0]]:
                 metrics.PREFIX_CACHE_REJECTED.inc()  # used for this batch, not kept
                 return
-        self._items[key] = entry
+        self._items[key] = entry.split()[0]  # a copy of its own: not a view pinning the pass's tensors
         self._held[key[0]] = key
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:

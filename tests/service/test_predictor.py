@@ -120,6 +120,8 @@ def test_many_missing_tasks_are_computed_a_few_per_pass_with_the_same_keys_and_v
     finally:
         del tiny_causal.prompt_kv
     assert passes == [MISSES_PER_PASS, 5] and len(cache) == tasks
+    for entry in cache._items.values():  # each kept entry owns its tensors: none pins a pass's whole batch
+        assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in (*entry.keys, *entry.values))
     assert got.source_prefixes == expected.source_prefixes and got.width == expected.width
     for a, b in zip((*got.keys, *got.values), (*expected.keys, *expected.values), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
