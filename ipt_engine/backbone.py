@@ -292,8 +292,8 @@ class Backbone:
         another thread (a fast tokenizer must not be used by two threads at once)."""
         tok = tokenizer or self.tokenizer
         fed = len(tok(source, add_special_tokens=True).input_ids)
-        if cached_prefix is not None:
-            fed = max(fed - len(tok(cached_prefix, add_special_tokens=True).input_ids), 1)
+        if cached_prefix is not None:  # the tokens `prompt_kv` caches for it, as the scoring pass skips them
+            fed = max(fed - len(self._source_prefix_ids(cached_prefix, tok)), 1)
         for target in targets or ():
             ids = len(tok(target, add_special_tokens=False).input_ids)
             if self.is_encoder_decoder:
@@ -303,11 +303,13 @@ class Backbone:
         return fed
 
     # ------------------------------------------------------------------------------------- internals
-    def _source_prefix_ids(self, prefix: str) -> tuple[int, ...]:
+    def _source_prefix_ids(self, prefix: str, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[int, ...]:
         """The tokens every source starting with `prefix` starts with: those of the prefix alone that the prefix
-        followed by more text keeps (a tokenizer may end a text with EOS, or merge its last token with the next)."""
-        alone = self.tokenizer(prefix, add_special_tokens=True).input_ids
-        followed = self.tokenizer(prefix + " x", add_special_tokens=True).input_ids
+        followed by more text keeps (a tokenizer may end a text with EOS, or merge its last token with the next).
+        tokenizer: a copy of this backbone's, for a caller on another thread (`row_tokens`)."""
+        tok = tokenizer or self.tokenizer
+        alone = tok(prefix, add_special_tokens=True).input_ids
+        followed = tok(prefix + " x", add_special_tokens=True).input_ids
         k = 0
         while k < min(len(alone), len(followed)) and alone[k] == followed[k]:
             k += 1
