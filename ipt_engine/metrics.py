@@ -27,9 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import TypeAlias
 
-from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU
-from sklearn.metrics import f1_score
+# rouge_score (with nltk), sacrebleu and scikit-learn are imported where they are used: together ~70 MB of
+# resident memory that a process only serving classification never needs (the API imports this module)
 
 __all__ = [
     "MetricName",
@@ -157,6 +156,8 @@ def macro_f1(
         label_list = list(dict.fromkeys(normalize_text(label) for label in labels))
         if not label_list:
             raise ValueError("macro_f1: labels must not be empty when given")
+    from sklearn.metrics import f1_score
+
     score = f1_score(y_true, y_pred, labels=label_list, average="macro", zero_division=0)
     return float(score)
 
@@ -172,6 +173,8 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Reference]) -> floa
         ValueError: if the lengths differ or there are no examples.
     """
     _check_inputs("rouge_l", predictions, references)
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     total = 0.0
     for prediction, reference in zip(predictions, references, strict=True):
@@ -195,6 +198,8 @@ def bleu(predictions: Sequence[str], references: Sequence[Reference]) -> float:
     ref_lists = [_reference_list(reference) for reference in references]
     n_streams = max(len(refs) for refs in ref_lists)
     streams = [[refs[min(i, len(refs) - 1)] for refs in ref_lists] for i in range(n_streams)]
+    from sacrebleu.metrics import BLEU
+
     score = BLEU(effective_order=True).corpus_score(list(predictions), streams).score
     return min(1.0, max(0.0, score / 100.0))
 
