@@ -274,14 +274,20 @@ class Backbone:
         n = emb.shape[1]
         if source_prefixes is not None and len(source_prefixes) != emb.shape[0]:
             raise ValueError(f"{len(source_prefixes)} source prefixes for {emb.shape[0]} prompts")
-        budget = self.max_length - n - 1  # at least one source token of a row must still fit after the prefix
-        prefixes = ([self._source_prefix_ids(p)[:max(budget, 0)] for p in source_prefixes]
-                    if source_prefixes is not None else [()] * emb.shape[0])
+        prefixes = (self.cached_prefix_ids(source_prefixes, n) if source_prefixes is not None
+                    else [()] * emb.shape[0])
         ids, tok_mask = self._pad([list(p) for p in prefixes])  # right padding: a row's real positions come first
         emb = torch.cat([emb, self.model.get_input_embeddings()(ids.to(self.device))], dim=1)
         mask = torch.cat([torch.ones(emb.shape[0], n, dtype=torch.long, device=self.device), tok_mask], dim=1)
         _, cache = self._causal_states(inputs_embeds=emb, attention_mask=mask, use_cache=True)
         return PromptKV.from_cache(cache, n, prefixes)
+
+    def cached_prefix_ids(self, source_prefixes: Sequence[str], n_prompt: int) -> list[tuple[int, ...]]:
+        """The tokens `prompt_kv` caches after `n_prompt` prompt positions for each source prefix: those every
+        source starting with it starts with, cut so that at least one source token still fits the context. A
+        caller can size a `PromptKV` with them (`PromptKV.empty_like`) before running the prompts."""
+        budget = max(self.max_length - n_prompt - 1, 0)
+        return [self._source_prefix_ids(p)[:budget] for p in source_prefixes]
 
     def row_tokens(self, source: str, targets: Sequence[str] | None = None, *, cached_prefix: str | None = None,
                    tokenizer: PreTrainedTokenizerBase | None = None) -> int:

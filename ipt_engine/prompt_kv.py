@@ -103,28 +103,48 @@ class PromptKV:
         shapes = {(r.n_prompt, len(r.keys)) for r in rows}
         if len(shapes) != 1:
             raise ValueError(f"prompt caches of different shapes (n, layers) cannot stack: {sorted(shapes)}")
-        width = max(r.width for r in rows)
-        batch = sum(r.batch for r in rows)
+        if len({r.width for r in rows}) == 1:  # no padding to add: one concatenation per layer
+            return PromptKV(tuple(torch.cat(ks) for ks in zip(*(r.keys for r in rows), strict=True)),
+                            tuple(torch.cat(vs) for vs in zip(*(r.values for r in rows), strict=True)),
+                            rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
+        out = PromptKV.empty_like(rows[0], [p for r in rows for p in r.source_prefixes])
+        begin = 0
+        for r in rows:  # each copied once, straight into place (not padded first and then concatenated)
+            out.place(range(begin, begin + r.batch), r)
+            begin += r.batch
+        return out
 
-        def stacked(parts: list[Tensor]) -> Tensor:
-            """One layer's rows [b_i, h, w_i, d] into [batch, h, width, d]: each copied once, straight into place
-            (padding each to the width first and then concatenating copied the padded rows twice)."""
-            if all(t.shape[2] == width for t in parts):
-                return torch.cat(parts)
-            out = parts[0].new_empty(batch, parts[0].shape[1], width, parts[0].shape[3])
-            begin = 0
-            for t in parts:
-                end, w = begin + t.shape[0], t.shape[2]
-                out[begin:end, :, :w] = t
-                if w < width:
-                    out[begin:end, :, w:] = 0
-                begin = end
-            return out
+    @staticmethod
+    def empty_like(like: PromptKV, source_prefixes: Sequence[Sequence[int]]) -> PromptKV:
+        """A batch of len(source_prefixes) rows, each n_prompt + its source prefix's tokens long, with `like`'s
+        layers, heads, head size, n_prompt, dtype and device; uninitialised until `place` fills its rows."""
+        prefixes = tuple(tuple(p) for p in source_prefixes)
+        width = like.n_prompt + max((len(p) for p in prefixes), default=0)
 
-        layers = len(rows[0].keys)
-        return PromptKV(tuple(stacked([r.keys[i] for r in rows]) for i in range(layers)),
-                        tuple(stacked([r.values[i] for r in rows]) for i in range(layers)),
-                        rows[0].n_prompt, tuple(p for r in rows for p in r.source_prefixes))
+        def empty(t: Tensor) -> Tensor:
+            return t.new_empty(len(prefixes), t.shape[1], width, t.shape[3])
+
+        return PromptKV(tuple(empty(k) for k in like.keys), tuple(empty(v) for v in like.values), like.n_prompt,
+                        prefixes)
+
+    def place(self, rows: Sequence[int], part: PromptKV) -> None:
+        """Write `part`'s rows into rows `rows` of this batch, in place, zero after each row's own positions: a
+        batch is filled as its rows' caches are found or computed (`PrefixKVCache.stacked`), so that none is
+        held twice. Each row must hold the same source prefix here as in `part`."""
+        rows = list(rows)
+        if len(rows) != part.batch or part.n_prompt != self.n_prompt or len(part.keys) != len(self.keys):
+            raise ValueError(f"cannot place {part.batch} rows of n = {part.n_prompt}, {len(part.keys)} layers into "
+                             f"{len(rows)} rows of n = {self.n_prompt}, {len(self.keys)} layers")
+        if any(self.source_prefixes[r] != p for r, p in zip(rows, part.source_prefixes, strict=True)):
+            raise ValueError("placed rows must hold the source prefixes this batch was sized for")
+        w = part.width  # <= self.width: its rows' lengths are some of this batch's
+        span = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+        at: slice | Tensor = (slice(rows[0], rows[0] + len(rows)) if span and rows
+                              else torch.tensor(rows, dtype=torch.long, device=self.keys[0].device))
+        for dst, src in zip((*self.keys, *self.values), (*part.keys, *part.values), strict=True):
+            dst[at, :, :w] = src  # a part's own padding is zeros already
+            if w < self.width:
+                dst[at, :, w:] = 0
 
     def to_cache(self, grow: bool = True) -> DynamicCache:
         """A fresh transformers cache holding these keys and values, for one forward pass. The layers hold these

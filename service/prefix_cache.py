@@ -84,23 +84,38 @@ class PrefixKVCache:
         hits = len(keys) - len(missing)
         if hits:
             metrics.PREFIX_CACHE.labels("hit").inc(hits)
-        fresh: dict[int, PromptKV] = {}
-        if missing:
-            metrics.PREFIX_CACHE.labels("miss").inc(len(missing))
-            for begin in range(0, len(missing), MISSES_PER_PASS):
-                part = missing[begin:begin + MISSES_PER_PASS]
-                computed = self.backbone.prompt_kv(prompts[part], [prefixes[i] for i in part]
-                                                   if source_prefixes is not None else None)
-                fresh.update(zip(part, computed.split(copy=False), strict=True))  # `_put` clones what it keeps
-        rows = []
-        for i, entry in enumerate(entries):
-            if i in fresh:
-                rows.append(fresh[i])
-                self._put(entry, fresh[i])
-            else:
+        for entry in entries:
+            if entry in self._items:
                 self._items.move_to_end(entry)
-                rows.append(self._items[entry])
-        return PromptKV.stack(rows)
+        if not missing:
+            return PromptKV.stack([self._items[e] for e in entries])
+        metrics.PREFIX_CACHE.labels("miss").inc(len(missing))
+        # the batch is sized before its missing rows are computed, and each part is written straight into it
+        # and freed before the next runs: no missing row is held twice
+        ids = dict(zip(missing, self.backbone.cached_prefix_ids([prefixes[i] for i in missing], prompts.shape[1])
+                       if source_prefixes is not None else [()] * len(missing), strict=True))
+        out: PromptKV | None = None
+        for begin in range(0, len(missing), MISSES_PER_PASS):
+            out = self._compute(missing[begin:begin + MISSES_PER_PASS], entries, prompts,
+                                source_prefixes is not None, ids, out)
+        assert out is not None  # missing is not empty
+        return out
+
+    def _compute(self, part: list[int], entries: list[Entry], prompts: Tensor, with_prefixes: bool,
+                 ids: dict[int, tuple[int, ...]], out: PromptKV | None) -> PromptKV:
+        """Run the prompts of rows `part` (missing), place them in the batch `out` (sized and given its cached
+        rows on the first part, from the tokens `ids` the missing rows will cache) and keep what is admitted."""
+        computed = self.backbone.prompt_kv(prompts[part], [entries[i][2] for i in part] if with_prefixes else None)
+        if out is None:
+            out = PromptKV.empty_like(computed, [ids[i] if i in ids else self._items[e].source_prefixes[0]
+                                                 for i, e in enumerate(entries)])
+            for i, entry in enumerate(entries):
+                if i not in ids:
+                    out.place([i], self._items[entry])
+        out.place(part, computed)
+        for i, row in zip(part, computed.split(copy=False), strict=True):
+            self._put(entries[i], row)  # `_put` copies what it keeps
+        return out
 
     def _count(self, keys: Sequence[Key]) -> None:
         self._lookups.update(task_id for task_id, _ in keys)

@@ -146,6 +146,28 @@ def test_split_and_stack_keep_each_rows_own_positions(tiny_causal: Backbone) -> 
         tiny_causal.prompt_kv(_prompts(tiny_causal, 3), NAMES[:2])
 
 
+def test_a_batch_filled_in_place_equals_its_rows_stacked(tiny_causal: Backbone) -> None:
+    """`empty_like` + `place` (rows written where they belong, in any order) gives what `stack` gives, and a row
+    is refused where the batch was sized for another source prefix."""
+    kv = tiny_causal.prompt_kv(_prompts(tiny_causal, 3), [source_prefix(name) for name in NAMES])
+    rows = kv.split()
+    order = [2, 0, 1]
+    batch = PromptKV.empty_like(rows[0], [kv.source_prefixes[i] for i in order])
+    for t in (*batch.keys, *batch.values):
+        t.fill_(float("nan"))  # uninitialised memory: every position must be written
+    batch.place([1, 2], kv.select([0, 1]))  # a padded part into scattered rows
+    batch.place([0], rows[2])
+    expected = PromptKV.stack([rows[i] for i in order])
+    assert batch.source_prefixes == expected.source_prefixes and batch.width == expected.width
+    assert all(torch.equal(a, b) for a, b in zip((*batch.keys, *batch.values), (*expected.keys, *expected.values),
+                                                 strict=True))
+    if kv.source_prefixes[0] != kv.source_prefixes[2]:
+        with pytest.raises(ValueError, match="source prefixes"):
+            batch.place([0], rows[0])
+    with pytest.raises(ValueError, match="cannot place 2 rows"):
+        batch.place([0], kv.select([0, 1]))
+
+
 def test_a_tokenizer_that_ends_every_text_with_eos_still_shares_the_prefix(tiny_causal: Backbone) -> None:
     """The cached prefix is what sources starting with it keep: not the EOS such a tokenizer ends "name:" with."""
     from tokenizers import processors

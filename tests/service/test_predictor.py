@@ -127,6 +127,26 @@ def test_many_missing_tasks_are_computed_a_few_per_pass_with_the_same_keys_and_v
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_a_batch_of_cached_and_missing_tasks_equals_the_prompts_run_at_once(tiny_causal: Backbone) -> None:
+    """Hits and misses interleaved, misses over more than one pass, prefixes of different lengths and an entry
+    pushed out while the batch is filled: every row holds its own task's keys and values, zero-padded."""
+    tasks = MISSES_PER_PASS + 7
+    prompts = torch.randn(tasks, 2, tiny_causal.hidden_size, generator=torch.Generator().manual_seed(11))
+    names = [f"task {'y' * (i % 5)}:" for i in range(tasks)]
+    expected = tiny_causal.prompt_kv(prompts, names)
+    one = max(r.nbytes for r in expected.split())
+    cache = PrefixKVCache(tiny_causal, max_bytes=(tasks - 3) * one)  # full before the batch ends: entries go
+    held = list(range(1, tasks, 3))  # every third task cached beforehand, the rest missing
+    cache.stacked([(f"t{i}", 1) for i in held], prompts[held], [names[i] for i in held])
+    hits = _counter(metrics.PREFIX_CACHE, "hit")
+    got = cache.stacked([(f"t{i}", 1) for i in range(tasks)], prompts, names)
+    assert _counter(metrics.PREFIX_CACHE, "hit") - hits == len(held)
+    assert got.source_prefixes == expected.source_prefixes and got.width == expected.width
+    for a, b in zip((*got.keys, *got.values), (*expected.keys, *expected.values), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert cache.nbytes <= cache.max_bytes
+
+
 def test_prefix_cache_is_bounded_in_bytes_and_never_stale(tiny_causal: Backbone) -> None:
     items = _mixed_items(tiny_causal)
     prompts = torch.stack([items[i].prompt for i in (0, 1, 2)])
