@@ -13,6 +13,9 @@ PREDICT_BATCH_TASKS = Histogram("ipt_predict_batch_distinct_tasks", "Distinct ta
 PREDICT_BATCH_TOKENS = Histogram("ipt_predict_batch_tokens", "Tokens fed per micro-batched forward pass (its rows' "
                                  "inputs and options, and prompts not held by the prefix KV cache)",
                                  buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768))
+HEAP_TRIM_SECONDS = Histogram("ipt_heap_trim_seconds", "Seconds the model thread spent handing the C heap's free "
+                              "pages back to the OS after a pass (service.heap; at most once a second)",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
 PROMPT_CACHE = Counter("ipt_prompt_cache_lookups_total", "Soft-prompt cache lookups", ["result"])
 PROMPT_CACHE_EVICTIONS = Counter("ipt_prompt_cache_evictions_total", "Soft prompts evicted from the prompt cache")
 PROMPT_CACHE_BYTES = Gauge("ipt_prompt_cache_bytes", "Bytes of soft prompts held by the prompt cache")

@@ -26,6 +26,7 @@ from torch import Tensor
 from ipt_engine.evaluation import Prediction, predict, row_texts
 from ipt_engine.tasks import Example, TaskHead, TaskKind
 from service import metrics
+from service.heap import HeapTrimmer
 from service.prefix_cache import PrefixKVCache
 from service.runtime import Runtime
 from service.safe_text import clean_text
@@ -128,6 +129,7 @@ class MicroBatcher:
         # bounded: beyond it requests get 503 + Retry-After instead of growing memory and latency
         self.queue: asyncio.Queue[tuple[Item, asyncio.Future[Prediction]]] = asyncio.Queue(max_pending)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipt-model")
+        self._heap = HeapTrimmer()  # a pass's freed memory goes back to the OS (service.heap)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -217,7 +219,16 @@ class MicroBatcher:
     def run_batch(self, items: list[Item]) -> list[Prediction | BaseException]:
         """One forward pass (per kind) over items of any number of tasks. If it fails, every item runs on its
         own, so that one bad row (of any task, of any request) fails only itself: each item gets its
-        prediction or the error of its own row."""
+        prediction or the error of its own row. The pass's freed memory is then handed back to the OS (at most
+        once a second)."""
+        try:
+            return self._run_isolated(items)
+        finally:
+            start = time.perf_counter()
+            if self._heap.after_pass():
+                metrics.HEAP_TRIM_SECONDS.observe(time.perf_counter() - start)
+
+    def _run_isolated(self, items: list[Item]) -> list[Prediction | BaseException]:
         try:
             return list(self._run_batch(items))
         except Exception:
