@@ -50,12 +50,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--tasks", type=int, default=1000, help="distinct hot tasks (default 1000)")
     parser.add_argument("--passes", type=int, default=2, help="predict requests per task (default 2)")
-    parser.add_argument("--concurrency", type=int, default=16, help="clients (default 16)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="clients (default: twice the service's default IPT_BATCH_MAX_SIZE, 256: enough to fill "
+                             "every pass up to its token budget, the load that holds the most memory at once)")
     parser.add_argument("--prefix-cache-bytes", type=int, default=None,
                         help="IPT_PREFIX_CACHE_BYTES of the app (default: unset, the service's default bound)")
     parser.add_argument("--limit-gb", type=float, default=2.0, help="the RSS bound checked (default 2.0 GB)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.concurrency is None:
+        from service.settings import Settings
+
+        args.concurrency = 2 * int(Settings.model_fields["batch_max_size"].default)
     if args.tasks < 1 or args.passes < 1 or args.concurrency < 1:
         parser.error("--tasks, --passes and --concurrency must be >= 1")
     return args

@@ -28,8 +28,8 @@ from service import metrics
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_BYTES = 448 * 2**20  # ~400 tasks of SmolLM2 (n = 20 and a 4-token name, fp32). Measured
-# (benchmarks/api_memory_bench.py, 1000 hot tasks): the API process is 1.14 GB when ready and peaks ~0.35 GB
-# above it plus the cache: 2.30 GB at 768 MiB, 2.02 GB at 512 MiB, so 448 MiB keeps it under 2 GB
+# (benchmarks/api_memory_bench.py, 1000 hot tasks, 256 clients filling every pass): the API process is 1.08 GB when
+# ready and peaks 1.92 GB with this bound (0.47 GB held, ~0.26 GB for the pass in flight); 2 GB is the target
 ACCELERATOR_DEFAULT_BYTES = 4 * 2**30
 MISSES_PER_PASS = 16
 """Tasks whose prompts run through the model together on a cache miss: a pass holds their keys and values for all
