@@ -29,6 +29,7 @@ from ipt_engine.tasks import Task
 from ipt_engine.training import STOPPED_BY_REQUEST, HistoryEntry
 from service import ist_jobs, metrics
 from service.core_sharing import share_cores
+from service.heap import release_free_memory
 from service.ist_jobs import ISTJob, delete_queued_job
 from service.redis_connection import connect
 from service.runtime import load_runtime
@@ -57,6 +58,7 @@ def train_task(task_id: str, task: dict[str, Any], training: dict[str, Any],
     finally:
         metrics.IST_JOBS.labels(outcome).inc()
         metrics.IST_DURATION.observe(time.perf_counter() - start)
+        release_free_memory()  # the job's activations and gradients, which glibc would keep resident
 
 
 def on_job_failure(job: Job, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
