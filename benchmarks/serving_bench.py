@@ -59,6 +59,8 @@ MIXED_TARGET = 0.95
 """Throughput at the largest stream over the single-task stream that issue 18 asks for."""
 ENGINE_BATCH = 32
 """Rows of the engine-only measurements (the PLM's batching gain, batch 32 vs 1)."""
+PER_REQUEST_REQUESTS = 256
+"""Requests the one-request-per-forward server gets at most (it is ~8x slower: a full stream would dominate the run)."""
 PREFIX_CACHE_TARGET = 2.0
 """Throughput with the prefix KV cache over without it, at the largest stream, that issue 18 asks for."""
 
@@ -71,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None,
                         help="timed requests per configuration and round (default: 384 on CPU, 1024 on CUDA, 48 with "
                              "--quick, and at least 6 per client, so that a run is mostly full passes, not its start "
-                             "and its tail; the one-request-per-forward server gets at most 256)")
+                             f"and its tail; the one-request-per-forward server gets at most {PER_REQUEST_REQUESTS})")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="closed-loop clients (default: twice the rows of a full pass with the prefix cache)")
     parser.add_argument("--inputs-per-request", type=int, default=1)
@@ -239,7 +241,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
         name, labels, inputs = category_inputs()
         work = request_work(runtime.backbone, name, labels, inputs)
         seq2seq = runtime.backbone.is_encoder_decoder
-        pass_rows = min(batch, max(int(tokens // work.tokens(n_prompt, not seq2seq)), 1))  # with the cache if any
+
+        def rows_per_pass(cached: bool) -> int:
+            """Rows a full pass takes: the token budget over a row's fed tokens, at most IPT_BATCH_MAX_SIZE."""
+            return min(batch, max(int(tokens // work.tokens(n_prompt, cached)), 1))
+
+        pass_rows = rows_per_pass(not seq2seq)  # with the cache if any
         concurrency = args.concurrency or 2 * max(pass_rows // per_request, 1)
         # the prefix KV cache holds every task of the largest stream (round-robin over more tasks than an LRU holds
         # would miss every time); its bytes per task are reported below
@@ -282,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
             run_load(base, warm[:2], 1)
             before = BatchStats.snapshot()
             with ModelBusy() as busy:
-                per_request_result = run_load(base, streams[counts[-1]][:256], concurrency)  # one at a time
+                # one request a forward
+                per_request_result = run_load(base, streams[counts[-1]][:PER_REQUEST_REQUESTS], concurrency)
             per_request_stats = BatchStats.snapshot().since(before)
             per_request_busy = busy.seconds / per_request_result.wall
         repeats = 3 if device.type == "cpu" else 10  # batched calls, median taken (one alone varied by 25% on CPU)
@@ -312,11 +320,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 f"subspace: {setup.subspace_note}; {subspace_shape(runtime)}",
                 f"service: {APP}, {redis_description(store.r)}; IPT_BATCH_MAX_SIZE="
                 f"{batch}, IPT_BATCH_MAX_TOKENS={tokens} (~{pass_rows} rows a pass with the prefix cache, "
-                f"~{min(batch, max(int(tokens // work.tokens(n_prompt, False)), 1))} without), "
+                f"~{rows_per_pass(False)} without), "
                 f"IPT_BATCH_MAX_WAIT_MS={wait_ms:g}; {concurrency} closed-loop clients; {n_requests} timed "
                 f"requests per row and round, {per_request} input(s) each, {len(labels)} labels (rank "
                 f"classification); the batched rows pooled over {rounds} interleaved round(s), the per-request "
-                f"server one round of {min(n_requests, 256)} requests",
+                f"server one round of {min(n_requests, PER_REQUEST_REQUESTS)} requests",
                 f"prompt cache filled with the stream's tasks before timing ({counts[-1]} Proj_b(z) in {fill_s:.1f} s)",
             ],
             header=["configuration", "tasks requested", "examples/s", "p50 latency", "p99 latency",
@@ -343,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                    ratio(no_kv.throughput, single), ratio(no_kv.throughput, per_request_result.throughput),
                    flop_share(no_kv.throughput, False))
         report.add(f"one request per forward (IPT_BATCH_MAX_SIZE=1), {counts[-1]} tasks",
-                   min(counts[-1], n_requests, 256),
+                   min(counts[-1], n_requests, PER_REQUEST_REQUESTS),
                    f"{per_request_result.throughput:.2f}", ms(per_request_result.p50), ms(per_request_result.p99),
                    f"{per_request_stats.mean_inputs:.1f}", f"{per_request_stats.mean_tokens:.0f}",
                    f"{per_request_stats.mean_tasks:.1f}",

@@ -74,10 +74,9 @@ def predict(backbone: Backbone, tasks: Sequence[Task | TaskHead], examples: Sequ
                 if len(opts) < 2:
                     raise InvalidTaskError(f"{tasks[t].kind} task {tasks[t].name!r}: input {ex.input!r:.60} has "
                                            f"{len(opts)} answer option(s); give at least 2")
-                source, targets = row_texts(tasks[t], ex)
-                sources.append(source)
+                sources.append(tasks[t].text_pair(ex).source)
                 options.append(opts)
-                formatted.append(targets or [])
+                formatted.append(option_targets(opts))
             scored = backbone.score_options(rows_prompts(option_rows), sources, formatted,
                                             prompt_kv=rows_kv(option_rows))
             for (t, i), opts, sc in zip(option_rows, options, scored, strict=True):
@@ -98,8 +97,12 @@ def row_texts(task: Task | TaskHead, example: Example) -> tuple[str, list[str] |
     """What one row of `task` feeds the backbone: its source, and its answer options formatted as the targets
     `predict` scores (None for a generation task)."""
     options = task.options_for(example)
-    targets = None if options is None else [" " + o.strip() for o in options]
-    return task.text_pair(example).source, targets
+    return task.text_pair(example).source, None if options is None else option_targets(options)
+
+
+def option_targets(options: Sequence[str]) -> list[str]:
+    """Answer options as the targets scored after a row's source (a space, then the option)."""
+    return [" " + o.strip() for o in options]
 
 
 def reference_of(example: Example) -> str | list[str]:

@@ -138,8 +138,8 @@ class PromptKV:
         if any(self.source_prefixes[r] != p for r, p in zip(rows, part.source_prefixes, strict=True)):
             raise ValueError("placed rows must hold the source prefixes this batch was sized for")
         w = part.width  # <= self.width: its rows' lengths are some of this batch's
-        span = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
-        at: slice | Tensor = (slice(rows[0], rows[0] + len(rows)) if span and rows
+        span = range(rows[0], rows[0] + len(rows))  # a part has rows, so `rows` is not empty
+        at: slice | Tensor = (slice(span.start, span.stop) if rows == list(span)
                               else torch.tensor(rows, dtype=torch.long, device=self.keys[0].device))
         for dst, src in zip((*self.keys, *self.values), (*part.keys, *part.values), strict=True):
             dst[at, :, :w] = src  # a part's own padding is zeros already

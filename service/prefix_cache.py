@@ -94,28 +94,29 @@ class PrefixKVCache:
         # and freed before the next runs: no missing row is held twice
         ids = dict(zip(missing, self.backbone.cached_prefix_ids([prefixes[i] for i in missing], prompts.shape[1])
                        if source_prefixes is not None else [()] * len(missing), strict=True))
-        out: PromptKV | None = None
-        for begin in range(0, len(missing), MISSES_PER_PASS):
-            out = self._compute(missing[begin:begin + MISSES_PER_PASS], entries, prompts,
-                                source_prefixes is not None, ids, out)
-        assert out is not None  # missing is not empty
+        parts = [missing[b:b + MISSES_PER_PASS] for b in range(0, len(missing), MISSES_PER_PASS)]
+        with_prefixes = source_prefixes is not None
+        first = self._run_prompts(parts[0], entries, prompts, with_prefixes)
+        out = PromptKV.empty_like(first, [ids[i] if i in ids else self._items[e].source_prefixes[0]
+                                          for i, e in enumerate(entries)])
+        for i, entry in enumerate(entries):
+            if i not in ids:
+                out.place([i], self._items[entry])
+        self._admit(out, parts[0], entries, first)
+        del first
+        for part in parts[1:]:
+            self._admit(out, part, entries, self._run_prompts(part, entries, prompts, with_prefixes))
         return out
 
-    def _compute(self, part: list[int], entries: list[Entry], prompts: Tensor, with_prefixes: bool,
-                 ids: dict[int, tuple[int, ...]], out: PromptKV | None) -> PromptKV:
-        """Run the prompts of rows `part` (missing), place them in the batch `out` (sized and given its cached
-        rows on the first part, from the tokens `ids` the missing rows will cache) and keep what is admitted."""
-        computed = self.backbone.prompt_kv(prompts[part], [entries[i][2] for i in part] if with_prefixes else None)
-        if out is None:
-            out = PromptKV.empty_like(computed, [ids[i] if i in ids else self._items[e].source_prefixes[0]
-                                                 for i, e in enumerate(entries)])
-            for i, entry in enumerate(entries):
-                if i not in ids:
-                    out.place([i], self._items[entry])
+    def _run_prompts(self, part: list[int], entries: list[Entry], prompts: Tensor, with_prefixes: bool) -> PromptKV:
+        """The keys and values of rows `part` (missing), their prompts and source prefixes in one forward pass."""
+        return self.backbone.prompt_kv(prompts[part], [entries[i][2] for i in part] if with_prefixes else None)
+
+    def _admit(self, out: PromptKV, part: list[int], entries: list[Entry], computed: PromptKV) -> None:
+        """Place the rows computed for `part` in the batch `out` and keep those the cache admits."""
         out.place(part, computed)
         for i, row in zip(part, computed.split(copy=False), strict=True):
             self._put(entries[i], row)  # `_put` copies what it keeps
-        return out
 
     def _count(self, keys: Sequence[Key]) -> None:
         self._lookups.update(task_id for task_id, _ in keys)
